@@ -1,0 +1,794 @@
+"""
+DALL-E in one file: "Zero-Shot Text-to-Image Generation", Ramesh et al. 2021, arXiv 2102.12092.
+
+Reading guide, in paper order (section tags are the paper's):
+  1. DALLEConfig            runnable toy defaults; DALLEConfig.paper() is the paper's model
+  2. BPETokenizer           byte-level BPE over lower-cased captions (Sec 2.2, App. B.2)
+  3. DiscreteVAE            stage 1: 256x256 pixels <-> 32x32 grid of K = 8192 codes (Sec 2.1, App. A)
+  4. Transformer            stage 2: the prior over [text | image] tokens, sparse masks (Sec 2.2, App. B.1)
+  5. sampling               KV-cached, temperature / top-k, image prompts (Sec 2.6, Sec 3.3)
+  6. CLIP                   contrastive reranker: draw N candidates, keep the best k (Sec 2.6)
+  7. DALLE                  the whole pipeline, generate(), save() / load()
+`python dalle.py` walks a random batch through every stage and prints the paper model's sizes.
+
+References
+  [1] Ramesh et al. 2021, Zero-Shot Text-to-Image Generation (the paper)
+  [2] openai/DALL-E, dall_e/encoder.py and decoder.py (the released dVAE; we match its weights exactly)
+  [3] Radford et al. 2021, Learning Transferable Visual Models From Natural Language Supervision (CLIP)
+  [4] Child et al. 2019, Generating Long Sequences with Sparse Transformers (row / column masks)
+  [5] Jang et al. 2016, Categorical Reparameterization with Gumbel-Softmax; Provilkov et al. 2019, BPE-Dropout
+
+Shape legend
+  B batch, T = T_txt + T_img sequence, C channels (n_embd), nh heads, hs head size,
+  H, W pixels, h, w token grid (T_img = h*w), K image vocab, V text vocab, N candidates per prompt.
+"""
+import math
+import os
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, fields, replace
+
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class DALLEConfig:
+    # images and the dVAE (Sec 2.1, App. A.1)
+    image_size: int = 64            # paper: 256
+    n_hid: int = 32                 # paper: 256, dVAE widths n_hid x 1/2/4/8
+    n_blk_per_group: int = 1        # paper: 2
+    n_init: int = 64                # paper: 128, decoder width after the codebook conv
+    image_vocab_size: int = 512     # K; paper: 8192
+    # text (Sec 2.2)
+    text_seq_len: int = 32          # paper: 256
+    text_vocab_size: int = 1024     # V; paper: 16384
+    # the transformer prior (App. B.1)
+    n_layer: int = 4                # paper: 64
+    n_head: int = 8                 # paper: 62
+    n_embd: int = 256               # paper: 3968 = 62 heads x 64
+    conv_kernel: int = 11           # paper: 11 (App. B.1); 3 in Fig. 11's drawing
+    # the contrastive reranker (Sec 2.6; sizes are ours, CLIP [3] is far larger)
+    clip_embd: int = 128
+    clip_layer: int = 2
+    clip_head: int = 4
+
+    @property
+    def grid_size(self):            # h = w: the encoder max-pools 3 times (App. A.1)
+        return self.image_size // 8
+
+    @property
+    def image_seq_len(self):        # T_img: 1024 in the paper
+        return self.grid_size ** 2
+
+    @property
+    def block_size(self):           # T: 256 + 1024 = 1280 in the paper
+        return self.text_seq_len + self.image_seq_len
+
+    @classmethod
+    def paper(cls):
+        return cls(image_size=256, n_hid=256, n_blk_per_group=2, n_init=128, image_vocab_size=8192,
+                   text_seq_len=256, text_vocab_size=16384, n_layer=64, n_head=62, n_embd=3968)
+
+    def __post_init__(self):
+        if self.image_size % 8 or self.n_hid % 4 or self.n_embd % self.n_head or self.clip_embd % self.clip_head:
+            raise ValueError(f"inconsistent config: image_size must divide by 8, n_hid by 4, n_embd by n_head, "
+                             f"clip_embd by clip_head: {self}")
+
+# -----------------------------------------------------------------------------
+# 2. BPE tokenizer (Sec 2.2): byte-level, minbpe's algorithm; ids 0..255 are bytes, 256 + i is the i-th merge
+
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def get_stats(ids, counts=None, weight=1):
+    """Count each adjacent pair in ids, e.g. [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids, pair, idx):
+    """Replace every occurrence of pair in ids by idx, e.g. ([1, 2, 3, 1, 2], (1, 2), 4) -> [4, 3, 4]."""
+    newids, i = [], 0
+    while i < len(ids):
+        if i < len(ids) - 1 and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            newids.append(idx)
+            i += 2
+        else:
+            newids.append(ids[i])
+            i += 1
+    return newids
+
+
+class BPETokenizer:
+    """Byte-pair encoding (Sec 2.2, App. B.2). The paper: 16,384 tokens, BPE dropout 0.1 in training (fn. 5)."""
+
+    def __init__(self, merges=None, pattern=GPT2_SPLIT_PATTERN):
+        self.pattern = pattern
+        self.compiled_pattern = regex.compile(pattern)
+        self.merges = dict(merges or {})  # (id_a, id_b) -> new id, in the order they were learned
+        self.vocab = self._build_vocab()
+        self.cache = {}
+
+    def _build_vocab(self):
+        vocab = {idx: bytes([idx]) for idx in range(256)}
+        for (a, b), idx in sorted(self.merges.items(), key=lambda kv: kv[1]):
+            vocab[idx] = vocab[a] + vocab[b]
+        return vocab
+
+    def train(self, text, vocab_size, verbose=False):
+        if vocab_size < 256:
+            raise ValueError(f"vocab_size must be at least 256 (the bytes), got {vocab_size}")
+        # the same chunk recurs all over a caption corpus: merge each unique chunk once, weighted by its count
+        chunk_counts = Counter(self.compiled_pattern.findall(text))
+        chunks = [list(ch.encode("utf-8")) for ch in chunk_counts]
+        weights = list(chunk_counts.values())
+        self.merges = {}
+        for idx in range(256, vocab_size):
+            stats = {}
+            for ids, weight in zip(chunks, weights):
+                get_stats(ids, stats, weight)
+            if not stats:
+                break  # every chunk is a single token: nothing left to merge
+            pair = max(stats, key=stats.get)
+            chunks = [merge(ids, pair, idx) for ids in chunks]
+            self.merges[pair] = idx
+            if verbose:
+                print(f"merge {idx - 255}/{vocab_size - 256}: {pair} -> {idx} had {stats[pair]} occurrences")
+        self.vocab = self._build_vocab()
+        self.cache = {}
+
+    def _encode_chunk(self, ids, dropout, generator):
+        while len(ids) >= 2:
+            pairs = set(zip(ids, ids[1:]))
+            if dropout > 0:  # BPE-dropout [5]: each candidate merge is skipped with probability p at each step
+                pairs = {p for p in pairs if torch.rand((), generator=generator).item() >= dropout}
+            pair = min(pairs, key=lambda p: self.merges.get(p, float("inf")), default=None)
+            if pair not in self.merges:
+                break  # nothing left to merge (or every candidate was dropped)
+            ids = merge(ids, pair, self.merges[pair])  # lowest rank first, as tiktoken does
+        return ids
+
+    def encode(self, text, dropout=0.0, generator=None):
+        ids = []
+        for chunk in self.compiled_pattern.findall(text):
+            if dropout > 0:
+                ids.extend(self._encode_chunk(list(chunk.encode("utf-8")), dropout, generator))
+            else:
+                if chunk not in self.cache:
+                    self.cache[chunk] = self._encode_chunk(list(chunk.encode("utf-8")), 0.0, None)
+                ids.extend(self.cache[chunk])
+        return ids
+
+    def decode(self, ids):
+        try:
+            return b"".join(self.vocab[idx] for idx in ids).decode("utf-8", errors="replace")
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is not in this tokenizer's vocabulary of {len(self.vocab)}")
+
+    def to_dict(self):  # plain data for the checkpoint
+        return {"pattern": self.pattern, "merges": [[a, b, idx] for (a, b), idx in self.merges.items()]}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls({(a, b): idx for a, b, idx in d["merges"]}, d["pattern"])
+
+# -----------------------------------------------------------------------------
+# 3. The discrete VAE (Sec 2.1, App. A): the exact architecture of openai/DALL-E [2]
+
+LOGIT_LAPLACE_EPS = 0.1  # App. A.3
+
+
+def map_pixels(x):  # [0, 1] -> [eps, 1 - eps], so the logit-Laplace density is finite everywhere (App. A.3)
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x):
+    return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
+
+
+class EncoderBlock(nn.Module):
+    """App. A.1: relu, 3x3, relu, 3x3, relu, 3x3, relu, 1x1 at a quarter width; output = id + post_gain * res."""
+
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers ** 2  # 1/64 in the paper: 4 groups x 2 blocks
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 3, padding=1)),
+            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 1))]))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DecoderBlock(nn.Module):
+    """App. A.1: relu, 1x1, relu, 3x3, relu, 3x3, relu, 3x3 at a quarter width; output = id + post_gain * res."""
+
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers ** 2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 1)),
+            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 3, padding=1))]))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _group(block, n_in, n_out, n_blk, resize):
+    """One of the 4 groups: n_blk blocks (the first changes the width), then a resize (App. A.1)."""
+    blocks = [(f"block_{i + 1}", block(n_in if i == 0 else n_out, n_out, 4 * n_blk)) for i in range(n_blk)]
+    return nn.Sequential(OrderedDict(blocks + [resize]))
+
+
+def gumbel_temperature(step, total_steps, start=1.0, end=1 / 16):
+    """tau annealed 1 -> 1/16 on a cosine schedule; a linear one "typically led to divergence" (App. A.2)."""
+    frac = min(step / max(total_steps, 1), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def kl_weight(step, warmup_steps, beta_max=6.6):
+    """beta ramped 0 -> 6.6 on a cosine over the first 5,000 updates, then held (Sec 2.1, App. A.2)."""
+    frac = min(step / max(warmup_steps, 1), 1.0)
+    return beta_max * 0.5 * (1 - math.cos(math.pi * frac))
+
+
+class DiscreteVAE(nn.Module):
+    """Stage 1 (Sec 2.1, App. A): compress each image to an h x w grid of K codes, and back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        n_hid, vocab, n_blk = config.n_hid, config.image_vocab_size, config.n_blk_per_group
+        pool, up = ("pool", nn.MaxPool2d(2)), ("upsample", nn.Upsample(scale_factor=2, mode="nearest"))
+        keep = ("keep", nn.Identity())  # the last group keeps its resolution
+        self.encoder = nn.Sequential(OrderedDict([
+            ("input", nn.Conv2d(3, n_hid, 7, padding=3)),
+            ("group_1", _group(EncoderBlock, n_hid, n_hid, n_blk, pool)),
+            ("group_2", _group(EncoderBlock, n_hid, 2 * n_hid, n_blk, pool)),
+            ("group_3", _group(EncoderBlock, 2 * n_hid, 4 * n_hid, n_blk, pool)),
+            ("group_4", _group(EncoderBlock, 4 * n_hid, 8 * n_hid, n_blk, keep)),
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", nn.Conv2d(8 * n_hid, vocab, 1))])))]))
+        self.decoder = nn.Sequential(OrderedDict([
+            # the codebook: a 1x1 conv applied to the K-channel one-hot, no embedding table (App. A.1)
+            ("input", nn.Conv2d(vocab, config.n_init, 1)),
+            ("group_1", _group(DecoderBlock, config.n_init, 8 * n_hid, n_blk, up)),
+            ("group_2", _group(DecoderBlock, 8 * n_hid, 4 * n_hid, n_blk, up)),
+            ("group_3", _group(DecoderBlock, 4 * n_hid, 2 * n_hid, n_blk, up)),
+            ("group_4", _group(DecoderBlock, 2 * n_hid, n_hid, n_blk, keep)),
+            # 6 channels: mu and ln b of a logit-Laplace per subpixel (App. A.3)
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", nn.Conv2d(n_hid, 6, 1))])))]))
+
+    def _check_images(self, images):
+        S = self.config.image_size
+        if images.dim() != 4 or images.shape[1:] != (3, S, S):
+            raise ValueError(f"expected images of shape (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}")
+
+    def logits(self, images):
+        self._check_images(images)
+        return self.encoder(map_pixels(images))  # (B, K, h, w): (B, 8192, 32, 32) in the paper
+
+    @torch.no_grad()
+    def encode(self, images):
+        """images (B, 3, H, W) in [0, 1] -> codes (B, h, w): the argmax, no gumbel noise (Sec 2.2)."""
+        return self.logits(images).argmax(dim=1)  # (B, h, w)
+
+    def decode_soft(self, one_hot):
+        stats = self.decoder(one_hot)  # (B, 6, H, W)
+        return stats[:, :3], stats[:, 3:]  # mu, ln b: (B, 3, H, W) each
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """codes (B, h, w) long -> images (B, 3, H, W) in [0, 1]."""
+        K = self.config.image_vocab_size
+        one_hot = F.one_hot(codes, K).permute(0, 3, 1, 2).float()  # (B, K, h, w)
+        mu, _ = self.decode_soft(one_hot)
+        return unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
+
+    def forward(self, images, tau, beta, generator=None):
+        """The negative ELB of App. A, divided by H*W*3. Returns (reconstructions, loss, stats)."""
+        logits = self.logits(images)  # (B, K, h, w)
+        B, K, h, w = logits.shape
+        # gumbel-softmax relaxation [5], soft in forward and backward (App. A.2)
+        gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()  # (B, K, h, w)
+        one_hot = F.softmax((logits + gumbels) / tau, dim=1)  # (B, K, h, w)
+        mu, ln_b = self.decode_soft(one_hot)  # (B, 3, H, W) each
+        # logit-Laplace NLL of the mapped pixels: -ln f = ln(2 b x (1 - x)) + |logit(x) - mu| / b  (App. A.3)
+        x = map_pixels(images)  # (B, 3, H, W)
+        nll = math.log(2) + ln_b + torch.log(x * (1 - x)) + (torch.logit(x) - mu).abs() * torch.exp(-ln_b)
+        nll = nll.mean()  # = sum / (B*H*W*3)
+        # KL(q(z|x) || uniform prior over K codes), per position, even while tau > 0 (Sec 2.1)
+        log_q = F.log_softmax(logits, dim=1)  # (B, K, h, w)
+        kl = (log_q.exp() * (log_q + math.log(K))).sum(dim=1).mean()  # mean per-position KL
+        # the loss is divided by H*W*3, so the KL counts h*w / (H*W*3) = 1/192 of a subpixel per position
+        kl_scale = h * w / (images.shape[2] * images.shape[3] * 3)
+        loss = nll + beta * kl_scale * kl
+        recon = unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
+        return recon, loss, {"nll": nll.item(), "kl": kl.item()}
+
+
+def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
+    """Build a DiscreteVAE from the state_dicts of openai/DALL-E's Encoder and Decoder [2].
+
+    Their convs keep weights as `.w` / `.b`; ours are nn.Conv2d's `.weight` / `.bias` under the same names,
+    so the key table is: encoder.<name>.weight <- <name>.w (likewise bias, and for the decoder)."""
+    enc_sd, dec_sd = dict(encoder_state_dict), dict(decoder_state_dict)
+    try:
+        n_hid = enc_sd["blocks.input.w"].shape[0]
+        vocab = enc_sd["blocks.output.conv.w"].shape[0]
+        n_init = dec_sd["blocks.input.w"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an openai/DALL-E state_dict: missing {e.args[0]}")
+    n_blk = len({k.split(".")[2] for k in enc_sd if k.startswith("blocks.group_1.block_")})
+    config = replace(DALLEConfig.paper(), image_size=image_size, n_hid=n_hid, n_blk_per_group=n_blk,
+                     n_init=n_init, image_vocab_size=vocab)
+    vae = DiscreteVAE(config)
+    ours = {}
+    for prefix, sd in (("encoder.", enc_sd), ("decoder.", dec_sd)):
+        for k, v in sd.items():
+            stem, leaf = k.rsplit(".", 1)
+            ours[prefix + stem.removeprefix("blocks.") + {"w": ".weight", "b": ".bias"}[leaf]] = v
+    vae.load_state_dict(ours)
+    return vae
+
+# -----------------------------------------------------------------------------
+# 4. The transformer prior (Sec 2.2, App. B)
+#
+# One stream of T = T_txt + T_img positions. Position 0 holds a learned start token, positions 1..T_txt the
+# caption's BPE ids (each empty slot gets its own pad token, Sec 2.2), then image cells 0 .. T_img-2. Output at
+# position t predicts token t: the first T_txt outputs predict text, the last T_img predict image cells.
+#
+# The image->image masks (App. B.1, Fig. 11), written for the output at the position that predicts image cell
+# q = (r, c) on an h x w grid; it may read the input holding cell k = (r', c') when k < q in raster order and
+#   row:            q - w <= k          the last w cells: a raster window back to the same column one row up
+#   column:         c' == c             the earlier cells of its own column (Fig. 11b transposes for this)
+#   convolutional:  |r'-r|, |c'-c| <= kernel // 2, a causal kernel x kernel neighbourhood (11x11; 3x3 in Fig. 11c)
+# Text is causal, and every image position reads every text position in every layer.
+# Layer i of n (1-based): i == n -> convolutional; (i - 2) % 4 == 0 -> column; else row (App. B.1).
+
+MASK_KINDS = ("row", "column", "conv")
+
+
+def layer_mask_kind(i, n_layer):
+    """The mask of layer i (1-based) of n_layer: 47 row, 16 column and 1 conv layer at 64 (App. B.1)."""
+    if i == n_layer:
+        return "conv"
+    return "column" if (i - 2) % 4 == 0 else "row"
+
+
+def image_mask(kind, h, w, kernel=11):
+    """(T_img, T_img) bool: entry [q, k] says whether the output predicting cell q may read cell k."""
+    q = torch.arange(h * w)
+    rq, cq, rk, ck = (q // w)[:, None], (q % w)[:, None], (q // w)[None, :], (q % w)[None, :]
+    earlier = q[None, :] < q[:, None]  # (T_img, T_img): k < q
+    if kind == "row":
+        return earlier & (q[None, :] >= q[:, None] - w)
+    if kind == "column":
+        return earlier & (ck == cq)
+    if kind == "conv":
+        r = kernel // 2
+        return earlier & ((rk - rq).abs() <= r) & ((ck - cq).abs() <= r)
+    raise ValueError(f"unknown mask kind {kind!r}, expected one of {MASK_KINDS}")
+
+
+def attention_mask(kind, text_len, h, w, kernel=11):
+    """(T, T) bool over the whole stream (True = may attend), for F.scaled_dot_product_attention."""
+    T = text_len + h * w
+    mask = torch.ones(T, T).tril().bool()  # text->text causal; image->text all (every text key is earlier)
+    # input position text_len + 1 + k holds cell k; output position text_len + q predicts cell q
+    mask[text_len:, text_len + 1:] = image_mask(kind, h, w, kernel)[:, :-1]  # the last cell is never an input
+    return mask
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention (nanoGPT's), masked by one of the row / column / conv masks, with a KV cache."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head, self.n_embd = n_head, n_embd
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x, mask, cache=None, pos=0):
+        B, T, C = x.size()
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:  # write this step's keys and values, attend over all so far
+            cache[0][:, :, pos:pos + T] = k
+            cache[1][:, :, pos:pos + T] = v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]  # (B, nh, pos + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    # DEVIATION: pre-LN residual blocks (nanoGPT's); the paper's own resblock (App. B.1, Fig. 10) adds gains and
+    # fp16 details that matter for 12B parameters at 16-bit, not for this file's purpose.
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd)
+
+    def forward(self, x, mask, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Stage 2 (Sec 2.2, App. B.1): a decoder-only prior over [text | image] tokens, one stream.
+
+    Token ids: text 0..V-1 are BPE ids and V + i is the pad of text slot i; in the joint output vocabulary image
+    code j is id V + T_txt + j. Text outputs never give image ids probability, nor image outputs text ids."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.n_text_ids = c.text_vocab_size + c.text_seq_len  # BPE ids + one pad per position (Sec 2.2)
+        self.sos = nn.Parameter(torch.zeros(c.n_embd))  # the learned start token at position 0
+        self.wte_txt = nn.Embedding(self.n_text_ids, c.n_embd)
+        self.wpe_txt = nn.Embedding(c.text_seq_len + 1, c.n_embd)
+        self.wte_img = nn.Embedding(c.image_vocab_size, c.n_embd)
+        self.wpe_row = nn.Embedding(c.grid_size, c.n_embd)  # image tokens: token + row + column (Fig. 10)
+        self.wpe_col = nn.Embedding(c.grid_size, c.n_embd)
+        self.h = nn.ModuleList([Block(c.n_embd, c.n_head) for _ in range(c.n_layer)])
+        self.kinds = [MASK_KINDS.index(layer_mask_kind(i + 1, c.n_layer)) for i in range(c.n_layer)]
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.lm_head = nn.Linear(c.n_embd, self.n_text_ids + c.image_vocab_size, bias=False)
+        masks = [attention_mask(k, c.text_seq_len, c.grid_size, c.grid_size, c.conv_kernel) for k in MASK_KINDS]
+        self.register_buffer("masks", torch.stack(masks), persistent=False)  # (3, T, T)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed_text(self, text):
+        """text (B, T_txt) -> (B, T_txt + 1, C): the start token, then the caption's tokens and pads."""
+        B, T_txt = text.shape
+        sos = self.sos.expand(B, 1, -1)  # (B, 1, C)
+        x = torch.cat([sos, self.wte_txt(text)], dim=1)  # (B, T_txt + 1, C)
+        return x + self.wpe_txt(torch.arange(T_txt + 1, device=text.device))  # (B, T_txt + 1, C)
+
+    def embed_image(self, codes, start=0):
+        """codes (B, n) of cells start .. start+n-1 -> (B, n, C)."""
+        cell = torch.arange(start, start + codes.shape[1], device=codes.device)  # (n,)
+        w = self.config.grid_size
+        return self.wte_img(codes) + self.wpe_row(cell // w) + self.wpe_col(cell % w)  # (B, n, C)
+
+    def run(self, x, pos=0, caches=None):
+        """The blocks over x (B, L, C) at positions pos..pos+L-1 -> final features (B, L, C)."""
+        L = x.shape[1]
+        for block, kind, cache in zip(self.h, self.kinds, caches or [None] * len(self.h)):
+            mask = self.masks[kind, pos:pos + L, :pos + L]  # (L, pos + L)
+            x = block(x, mask, cache, pos)
+        return self.ln_f(x)
+
+    def check_inputs(self, text, codes):
+        c = self.config
+        if text.dim() != 2 or text.shape[1] != c.text_seq_len:
+            raise ValueError(f"text must be (B, {c.text_seq_len}) ids, got {tuple(text.shape)}")
+        if codes is not None and (codes.dim() != 2 or codes.shape[0] != text.shape[0]
+                                  or codes.shape[1] > c.image_seq_len):
+            raise ValueError(f"codes must be (B, <= {c.image_seq_len}) for text (B, ...), got {tuple(codes.shape)}")
+
+    def forward(self, text, codes):
+        """text (B, T_txt) long, codes (B, T_img) long -> logits (B, T, V + T_txt + K), loss (1/8, 7/8)."""
+        self.check_inputs(text, codes)
+        if codes.shape[1] != self.config.image_seq_len:
+            raise ValueError(f"codes must be (B, {self.config.image_seq_len}), got {tuple(codes.shape)}")
+        T_txt, V = self.config.text_seq_len, self.n_text_ids
+        x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
+        logits = self.lm_head(self.run(x))  # (B, T, V + K): (B, 1280, 16384 + 256 + 8192) in the paper
+        logits_txt = logits[:, :T_txt, :V]  # (B, T_txt, V): text positions predict text ids only
+        logits_img = logits[:, T_txt:, V:]  # (B, T_img, K): image positions predict image codes only
+        loss_txt = F.cross_entropy(logits_txt.reshape(-1, V), text.reshape(-1))
+        loss_img = F.cross_entropy(logits_img.reshape(-1, logits_img.shape[-1]), codes.reshape(-1))
+        loss = loss_txt / 8 + loss_img * 7 / 8  # each averaged over its own count (Sec 2.2)
+        logits = torch.cat([F.pad(logits_txt, (0, logits_img.shape[-1]), value=float("-inf")),
+                            F.pad(logits_img, (V, 0), value=float("-inf"))], dim=1)  # (B, T, V + K)
+        return logits, {"loss": loss, "text": loss_txt, "image": loss_img}
+
+# -----------------------------------------------------------------------------
+# 5. Sampling (Sec 2.6, Sec 3.3): temperature 1 and no top-k in the paper
+
+    def image_logits(self, x):
+        """final features (B, L, C) -> image-code logits (B, L, K), the image slice of lm_head only."""
+        return F.linear(x, self.lm_head.weight[self.n_text_ids:])
+
+    @torch.no_grad()
+    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """text (B, T_txt), prompt (B, m) codes of the first m cells or None -> codes (B, T_img).
+
+        use_cache=False recomputes the whole prefix at every step: the slow path the cache must equal."""
+        self.check_inputs(text, prompt)
+        B, T_img, T_txt = text.shape[0], self.config.image_seq_len, self.config.text_seq_len
+        codes = text.new_zeros(B, 0) if prompt is None else prompt  # (B, m)
+        caches = None
+        if use_cache:
+            C, nh, T = self.config.n_embd, self.config.n_head, self.config.block_size
+            caches = [torch.empty(2, B, nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
+                      for _ in self.h]  # keys and values: (2, B, nh, T, hs) per layer
+        x = torch.cat([self.embed_text(text), self.embed_image(codes)], dim=1)  # (B, T_txt + 1 + m, C)
+        pos = 0
+        while codes.shape[1] < T_img:
+            feats = self.run(x, pos, caches)  # (B, L, C)
+            logits = self.image_logits(feats[:, -1]) / temperature  # (B, K)
+            if top_k is not None:  # top_k counts codes, e.g. 64 of K (not a fraction)
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            codes = torch.cat([codes, nxt], dim=1)  # (B, m + 1)
+            if use_cache:
+                pos += x.shape[1]
+                x = self.embed_image(nxt, codes.shape[1] - 1)  # (B, 1, C): only the new token
+            else:
+                x = torch.cat([self.embed_text(text), self.embed_image(codes)], dim=1)
+        return codes  # (B, T_img)
+
+# -----------------------------------------------------------------------------
+# 6. CLIP (Sec 2.6, [3]): a contrastive model that scores how well an image matches its caption
+
+
+class CLIP(nn.Module):
+    """A small CLIP [3]: a causal text transformer over the same BPE ids, a conv image encoder, one embedding space.
+
+    Reranking (Sec 2.6): draw N candidates per caption, keep the k that CLIP scores highest."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        C, n_text_ids = c.clip_embd, c.text_vocab_size + c.text_seq_len
+        self.wte = nn.Embedding(n_text_ids, C)
+        self.wpe = nn.Embedding(c.text_seq_len, C)
+        self.h = nn.ModuleList([Block(C, c.clip_head) for _ in range(c.clip_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.register_buffer("causal", torch.ones(c.text_seq_len, c.text_seq_len).tril().bool(), persistent=False)
+        # DEVIATION: a 4-layer strided conv net instead of CLIP's ResNet / ViT: it keeps positions (flattened 4x4
+        # map), which the toy captions ask about, and trains in seconds.
+        self.visual = nn.Sequential(
+            nn.Conv2d(3, C // 4, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(C // 4, C // 2, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(C, C, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * C, C))
+        self.text_proj = nn.Linear(C, C, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature [3]
+
+    def encode_text(self, text):
+        """text (B, T_txt) -> unit embeddings (B, C), read at the last non-pad token as CLIP reads its [EOS]."""
+        B, T = text.shape
+        x = self.wte(text) + self.wpe(torch.arange(T, device=text.device))  # (B, T_txt, C)
+        for block in self.h:
+            x = block(x, self.causal)
+        last = (text < self.config.text_vocab_size).sum(1).clamp(min=1) - 1  # (B,): pads follow the caption
+        x = self.ln_f(x[torch.arange(B, device=text.device), last])  # (B, C)
+        return F.normalize(self.text_proj(x), dim=-1)
+
+    def encode_image(self, images):
+        """images (B, 3, H, W) in [0, 1] -> unit embeddings (B, C)."""
+        return F.normalize(self.visual(images * 2 - 1), dim=-1)
+
+    def forward(self, text, images):
+        """The symmetric contrastive loss [3] over a batch of matching (caption, image) pairs."""
+        t, i = self.encode_text(text), self.encode_image(images)  # (B, C) each
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.t()  # (B, B): image x caption
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    @torch.no_grad()
+    def score(self, text, images):
+        """The cosine similarity of each (caption, image) pair: text (B, T_txt), images (B, 3, H, W) -> (B,)."""
+        return (self.encode_text(text) * self.encode_image(images)).sum(-1)  # (B,)
+
+
+def rerank(scores, keep):
+    """scores (P, N) -> indices (P, keep) of the best `keep` candidates per prompt, best first (Sec 2.6)."""
+    return scores.topk(min(keep, scores.shape[1]), dim=1).indices
+
+# -----------------------------------------------------------------------------
+# 7. The whole pipeline: tokenizer + dVAE + transformer + CLIP, and checkpoints
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def _brief(e):  # an exception as one short line, for one-line error messages
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+class DALLE(nn.Module):
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer or BPETokenizer()
+        if len(self.tokenizer.vocab) > config.text_vocab_size:
+            raise ValueError(f"tokenizer has {len(self.tokenizer.vocab)} ids, text_vocab_size is only "
+                             f"{config.text_vocab_size}")
+        self.vae = DiscreteVAE(config)
+        self.transformer = Transformer(config)
+        self.clip = CLIP(config)
+
+    def tokenize(self, captions, dropout=0.0, generator=None):
+        """captions (list of str) -> text (B, T_txt): lower-cased BPE ids, then the pad of each empty slot."""
+        T_txt, V = self.config.text_seq_len, self.config.text_vocab_size
+        rows = []
+        for caption in captions:
+            ids = self.tokenizer.encode(caption.lower(), dropout, generator)[:T_txt]  # lower-cased (Sec 2.2)
+            rows.append(ids + [V + i for i in range(len(ids), T_txt)])  # a pad token per position (Sec 2.2)
+        return torch.tensor(rows, dtype=torch.long, device=self.transformer.sos.device)  # (B, T_txt)
+
+    def prompt_codes(self, images, rows=None):
+        """images (B, 3, H, W) -> codes (B, rows * w) of the top rows: 15 of 32 in the paper (Sec 3.3)."""
+        w = self.config.grid_size
+        rows = round(15 / 32 * w) if rows is None else rows
+        return self.vae.encode(images)[:, :rows].reshape(images.shape[0], rows * w)  # (B, rows * w)
+
+    @torch.no_grad()
+    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None):
+        """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
+
+        image_prompt: (P or 1, 3, H, W) images whose top rows every candidate keeps (Sec 3.3).
+        Returns images (P, keep, 3, H, W) in [0, 1] and their CLIP scores (P, keep), best first."""
+        if not prompts or keep < 1 or n < keep:
+            raise ValueError(f"need at least one prompt and 1 <= keep <= n, got {len(prompts)} prompts, "
+                             f"n={n}, keep={keep}")
+        P, S, h = len(prompts), self.config.image_size, self.config.grid_size
+        device = self.transformer.sos.device
+        text = self.tokenize(prompts).repeat_interleave(n, dim=0)  # (P*N, T_txt)
+        prompt = None
+        if image_prompt is not None:
+            prompt = self.prompt_codes(image_prompt.to(device)).expand(P, -1).repeat_interleave(n, dim=0)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        codes = self.transformer.generate(text, prompt, temperature, top_k, generator)  # (P*N, T_img)
+        images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
+        scores = self.clip.score(text, images).view(P, n)  # (P, N)
+        best = rerank(scores, keep)  # (P, keep)
+        images = images.view(P, n, 3, S, S)[torch.arange(P, device=device)[:, None], best]  # (P, keep, 3, H, W)
+        return images, scores.gather(1, best)
+
+    def save(self, path, step=0, **extra):
+        """One dict of plain data, written atomically: a crash mid-write never clobbers the last checkpoint."""
+        ckpt = {"format": "dalle.py/1", "config": asdict(self.config), "tokenizer": self.tokenizer.to_dict(),
+                "vae": self.vae.state_dict(), "transformer": self.transformer.state_dict(),
+                "clip": self.clip.state_dict(), "step": step, **extra}
+        tmp = f"{path}.tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        """-> (model, checkpoint dict). Never unpickles code (weights_only); any bad file is one CheckpointError."""
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {_brief(e)}")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != "dalle.py/1":
+            raise CheckpointError(f"{path} is not a dalle.py checkpoint")
+        try:
+            known = {f.name for f in fields(DALLEConfig)}
+            config = DALLEConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+            model = cls(config, BPETokenizer.from_dict(ckpt["tokenizer"]))
+            for name in ("vae", "transformer", "clip"):
+                getattr(model, name).load_state_dict(ckpt[name])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is incompatible with this dalle.py: {_brief(e)}")
+        return model.to(device).eval(), ckpt
+
+# -----------------------------------------------------------------------------
+# The picture of Fig. 11's masks
+
+
+def draw_masks(grid=4, kernel=3, cell=16):
+    """A PIL image of the row / column / conv image->image masks on a grid x grid image (Fig. 11):
+    in each panel, row q is the output predicting cell q, column k the cell it may read (white)."""
+    from PIL import Image, ImageDraw
+    n, pad, top = grid * grid, 12, 20
+    img = Image.new("RGB", (3 * (n * cell + pad) + pad, n * cell + top + pad), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    for p, kind in enumerate(MASK_KINDS):
+        x0 = pad + p * (n * cell + pad)
+        draw.text((x0, 4), f"{kind} ({kernel}x{kernel})" if kind == "conv" else kind, fill=(255, 255, 255))
+        mask = image_mask(kind, grid, grid, kernel)
+        for q in range(n):
+            for k in range(n):
+                colour = (240, 240, 240) if mask[q, k] else (90, 30, 30) if k >= q else (0, 0, 0)
+                box = [x0 + k * cell, top + q * cell, x0 + (k + 1) * cell - 2, top + (q + 1) * cell - 2]
+                draw.rectangle(box, fill=colour)
+    return img
+
+
+def mask_ascii(kind, grid=4, kernel=3, query=None):
+    """The cells the output predicting `query` may read: '#' read, 'q' the predicted cell, '.' not read."""
+    query = grid * grid - grid // 2 - 1 if query is None else query
+    mask = image_mask(kind, grid, grid, kernel)[query]
+    marks = ["q" if k == query else "#" if mask[k] else "." for k in range(grid * grid)]
+    return [" ".join(marks[r * grid:(r + 1) * grid]) for r in range(grid)]
+
+# -----------------------------------------------------------------------------
+# python dalle.py: a shape walkthrough
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _walkthrough():
+    torch.manual_seed(0)
+    c = DALLEConfig()
+    print(f"toy config: {c}\n")
+    tok = BPETokenizer()
+    tok.train("a red circle above a blue square. a large green triangle on the left. " * 20, 300)
+    model = DALLE(c, tok)
+    print(f"1. BPE   {'a red circle above a blue square'!r} -> {tok.encode('a red circle above a blue square')}")
+    text = model.tokenize(["a red circle above a blue square", "a large green triangle on the left"])
+    print(f"         tokenize(2 captions) -> text {tuple(text.shape)}: ids, then a pad id per empty slot")
+    images = torch.rand(2, 3, c.image_size, c.image_size)
+    recon, loss, stats = model.vae(images, tau=1.0, beta=0.0)
+    codes = model.vae.encode(images)
+    print(f"2. dVAE  images {tuple(images.shape)} -> logits {tuple(model.vae.logits(images).shape)} -> "
+          f"codes {tuple(codes.shape)} -> images {tuple(model.vae.decode(codes).shape)}; loss {loss.item():.3f}")
+    logits, losses = model.transformer(text, codes.flatten(1))
+    print(f"3. prior text {tuple(text.shape)} + codes {tuple(codes.flatten(1).shape)} -> logits "
+          f"{tuple(logits.shape)}; loss {losses['loss'].item():.3f} = 1/8 text + 7/8 image")
+    print(f"         layer masks: {[layer_mask_kind(i + 1, c.n_layer) for i in range(c.n_layer)]}")
+    for kinds in zip(*[[f"{k:<12}"] + mask_ascii(k) for k in MASK_KINDS]):
+        print("         " + "   ".join(f"{s:<12}" for s in kinds))
+    out, scores = model.generate(["a red circle"], n=4, keep=2)
+    print(f"4. generate 4 candidates, CLIP keeps 2 -> images {tuple(out.shape)}, scores {tuple(scores.shape)}")
+    print(f"   parameters: dVAE {n_params(model.vae) / 1e6:.2f}M, transformer {n_params(model.transformer) / 1e6:.2f}M,"
+          f" CLIP {n_params(model.clip) / 1e6:.2f}M\n")
+    p = DALLEConfig.paper()
+    with torch.device("meta"):  # shapes and sizes only: no memory is allocated
+        vae, prior = DiscreteVAE(p), Transformer(p)
+        logits, _ = prior(torch.zeros(1, p.text_seq_len, dtype=torch.long),
+                          torch.zeros(1, p.image_seq_len, dtype=torch.long))
+        z = vae.logits(torch.zeros(1, 3, p.image_size, p.image_size))
+    kinds = [layer_mask_kind(i + 1, p.n_layer) for i in range(p.n_layer)]
+    print(f"paper preset (meta device): dVAE encoder {n_params(vae.encoder) / 1e6:.1f}M, decoder "
+          f"{n_params(vae.decoder) / 1e6:.1f}M; images (1, 3, 256, 256) -> logits {tuple(z.shape)}")
+    print(f"  transformer {n_params(prior) / 1e9:.2f}B parameters; logits {tuple(logits.shape)}; masks: "
+          f"{kinds.count('row')} row, {kinds.count('column')} column, {kinds.count('conv')} conv")
+
+
+if __name__ == "__main__":
+    _walkthrough()
