@@ -24,6 +24,7 @@ Shape legend
 """
 import math
 import os
+import random
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 @dataclass
 class DALLEConfig:
+    # DEVIATION: the defaults are a toy that trains on a laptop CPU in minutes (64 px, 8x8 codes, K 512, 4 layers of
+    # 128); every field notes its paper value and DALLEConfig.paper() builds the paper's model.
     # images and the dVAE (Sec 2.1, App. A.1)
     image_size: int = 64            # paper: 256
     n_hid: int = 32                 # paper: 256, dVAE widths n_hid x 1/2/4/8
@@ -49,8 +52,8 @@ class DALLEConfig:
     text_vocab_size: int = 1024     # V; paper: 16384
     # the transformer prior (App. B.1)
     n_layer: int = 4                # paper: 64
-    n_head: int = 8                 # paper: 62
-    n_embd: int = 256               # paper: 3968 = 62 heads x 64
+    n_head: int = 4                 # paper: 62
+    n_embd: int = 128               # paper: 3968 = 62 heads x 64
     conv_kernel: int = 11           # paper: 11 (App. B.1); 3 in Fig. 11's drawing
     # the contrastive reranker (Sec 2.6; sizes are ours, CLIP [3] is far larger)
     clip_embd: int = 128
@@ -144,22 +147,23 @@ class BPETokenizer:
         self.vocab = self._build_vocab()
         self.cache = {}
 
-    def _encode_chunk(self, ids, dropout, generator):
+    def _encode_chunk(self, ids, dropout, rng):
         while len(ids) >= 2:
             pairs = set(zip(ids, ids[1:]))
             if dropout > 0:  # BPE-dropout [5]: each candidate merge is skipped with probability p at each step
-                pairs = {p for p in pairs if torch.rand((), generator=generator).item() >= dropout}
+                pairs = {p for p in sorted(pairs) if rng.random() >= dropout}
             pair = min(pairs, key=lambda p: self.merges.get(p, float("inf")), default=None)
             if pair not in self.merges:
                 break  # nothing left to merge (or every candidate was dropped)
             ids = merge(ids, pair, self.merges[pair])  # lowest rank first, as tiktoken does
         return ids
 
-    def encode(self, text, dropout=0.0, generator=None):
+    def encode(self, text, dropout=0.0, rng=None):
+        """text -> ids; dropout > 0 (training only, Sec 2.2 fn. 5) draws from rng, a random.Random."""
         ids = []
         for chunk in self.compiled_pattern.findall(text):
             if dropout > 0:
-                ids.extend(self._encode_chunk(list(chunk.encode("utf-8")), dropout, generator))
+                ids.extend(self._encode_chunk(list(chunk.encode("utf-8")), dropout, rng or random))
             else:
                 if chunk not in self.cache:
                     self.cache[chunk] = self._encode_chunk(list(chunk.encode("utf-8")), 0.0, None)
@@ -191,6 +195,11 @@ def map_pixels(x):  # [0, 1] -> [eps, 1 - eps], so the logit-Laplace density is 
 
 def unmap_pixels(x):
     return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
+
+
+def logit_laplace_nll(x, mu, ln_b):
+    """-ln f(x | mu, b) for x in (0, 1), f = exp(-|logit(x) - mu| / b) / (2 b x (1 - x))  (App. A.3)."""
+    return math.log(2) + ln_b + torch.log(x * (1 - x)) + (torch.logit(x) - mu).abs() * torch.exp(-ln_b)
 
 
 class EncoderBlock(nn.Module):
@@ -272,6 +281,10 @@ class DiscreteVAE(nn.Module):
             ("group_4", _group(DecoderBlock, 2 * n_hid, n_hid, n_blk, keep)),
             # 6 channels: mu and ln b of a logit-Laplace per subpixel (App. A.3)
             ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", nn.Conv2d(n_hid, 6, 1))])))]))
+        for m in self.modules():  # openai/DALL-E's init: normal with std 1/sqrt(fan_in), zero bias [2]
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=1 / math.sqrt(m.weight[0].numel()))
+                nn.init.zeros_(m.bias)
 
     def _check_images(self, images):
         S = self.config.image_size
@@ -299,26 +312,29 @@ class DiscreteVAE(nn.Module):
         mu, _ = self.decode_soft(one_hot)
         return unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
 
-    def forward(self, images, tau, beta, generator=None):
-        """The negative ELB of App. A, divided by H*W*3. Returns (reconstructions, loss, stats)."""
+    def forward(self, images, tau, beta, generator=None, recon_loss="logit-laplace"):
+        """The negative ELB of App. A, divided by H*W*3. Returns (reconstructions, loss, stats).
+
+        recon_loss="mse" swaps the logit-Laplace NLL for the squared error of sigmoid(mu) (see train.py)."""
         logits = self.logits(images)  # (B, K, h, w)
         B, K, h, w = logits.shape
         # gumbel-softmax relaxation [5], soft in forward and backward (App. A.2)
         gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()  # (B, K, h, w)
         one_hot = F.softmax((logits + gumbels) / tau, dim=1)  # (B, K, h, w)
         mu, ln_b = self.decode_soft(one_hot)  # (B, 3, H, W) each
-        # logit-Laplace NLL of the mapped pixels: -ln f = ln(2 b x (1 - x)) + |logit(x) - mu| / b  (App. A.3)
         x = map_pixels(images)  # (B, 3, H, W)
-        nll = math.log(2) + ln_b + torch.log(x * (1 - x)) + (torch.logit(x) - mu).abs() * torch.exp(-ln_b)
-        nll = nll.mean()  # = sum / (B*H*W*3)
+        nll = logit_laplace_nll(x, mu, ln_b).mean()  # = sum / (B*H*W*3)
+        mse = ((torch.sigmoid(mu) - x) ** 2).mean()
         # KL(q(z|x) || uniform prior over K codes), per position, even while tau > 0 (Sec 2.1)
         log_q = F.log_softmax(logits, dim=1)  # (B, K, h, w)
         kl = (log_q.exp() * (log_q + math.log(K))).sum(dim=1).mean()  # mean per-position KL
         # the loss is divided by H*W*3, so the KL counts h*w / (H*W*3) = 1/192 of a subpixel per position
         kl_scale = h * w / (images.shape[2] * images.shape[3] * 3)
-        loss = nll + beta * kl_scale * kl
+        if recon_loss not in ("logit-laplace", "mse"):
+            raise ValueError(f"recon_loss must be 'logit-laplace' or 'mse', got {recon_loss!r}")
+        loss = (nll if recon_loss == "logit-laplace" else mse) + beta * kl_scale * kl
         recon = unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
-        return recon, loss, {"nll": nll.item(), "kl": kl.item()}
+        return recon, loss, {"nll": nll.item(), "mse": mse.item(), "kl": kl.item()}
 
 
 def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
@@ -359,6 +375,10 @@ def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
 #   convolutional:  |r'-r|, |c'-c| <= kernel // 2, a causal kernel x kernel neighbourhood (11x11; 3x3 in Fig. 11c)
 # Text is causal, and every image position reads every text position in every layer.
 # Layer i of n (1-based): i == n -> convolutional; (i - 2) % 4 == 0 -> column; else row (App. B.1).
+# DEVIATION: the paper runs these patterns as custom sparse kernels; we hand the same patterns as dense boolean
+# masks to F.scaled_dot_product_attention: identical attention, none of the compute saving, far easier to read.
+# DEVIATION: the learned start token at position 0 is ours (the paper does not say how the first text token is
+# predicted); it shifts the stream by one so that T outputs predict exactly the T_txt + T_img tokens.
 
 MASK_KINDS = ("row", "column", "conv")
 
@@ -646,12 +666,12 @@ class DALLE(nn.Module):
         self.transformer = Transformer(config)
         self.clip = CLIP(config)
 
-    def tokenize(self, captions, dropout=0.0, generator=None):
+    def tokenize(self, captions, dropout=0.0, rng=None):
         """captions (list of str) -> text (B, T_txt): lower-cased BPE ids, then the pad of each empty slot."""
         T_txt, V = self.config.text_seq_len, self.config.text_vocab_size
         rows = []
         for caption in captions:
-            ids = self.tokenizer.encode(caption.lower(), dropout, generator)[:T_txt]  # lower-cased (Sec 2.2)
+            ids = self.tokenizer.encode(caption.lower(), dropout, rng)[:T_txt]  # lower-cased (Sec 2.2)
             rows.append(ids + [V + i for i in range(len(ids), T_txt)])  # a pad token per position (Sec 2.2)
         return torch.tensor(rows, dtype=torch.long, device=self.transformer.sos.device)  # (B, T_txt)
 
@@ -715,7 +735,33 @@ class DALLE(nn.Module):
         return model.to(device).eval(), ckpt
 
 # -----------------------------------------------------------------------------
-# The picture of Fig. 11's masks
+# Helpers the drivers share: the device, and pictures
+
+
+def pick_device(name=None):
+    """cuda, then mps, then cpu, unless a name is given; an unknown or absent device is a ValueError."""
+    has_mps = torch.backends.mps.is_available()
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: expected cuda, mps or cpu")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not has_mps):
+        raise ValueError(f"device {name} is not available on this machine")
+    return device
+
+
+def image_grid(images, gap=2):
+    """images (R, N, 3, H, W) in [0, 1] -> one PIL image, R rows of N pictures."""
+    from PIL import Image
+    R, N, _, H, W = images.shape
+    grid = torch.ones(3, R * (H + gap) + gap, N * (W + gap) + gap) * 0.25  # grey lines between pictures
+    for r in range(R):
+        for n in range(N):
+            grid[:, gap + r * (H + gap):(r + 1) * (H + gap), gap + n * (W + gap):(n + 1) * (W + gap)] = images[r, n]
+    return Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
+
 
 
 def draw_masks(grid=4, kernel=3, cell=16):
