@@ -1,0 +1,88 @@
+"""
+Text in, pictures out: draw --n candidates per prompt with the transformer prior, decode them with the dVAE,
+and keep the --keep that CLIP scores highest (Sec 2.6). One row of samples.png per prompt, best first.
+
+    python sample.py "a red circle to the left of a blue square"
+    python sample.py "a red triangle" "a blue circle" --n 64 --keep 8
+    python sample.py "a green square" --image scene.png     # keep the image's top rows, complete the rest (Sec 3.3)
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from dalle import DALLE, CheckpointError, image_grid, pick_device
+
+
+def die(message, code=1):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="+", help="one or more captions, each in quotes")
+    p.add_argument("--checkpoint", default="out/dalle.pt", help="written by train.py (default out/dalle.pt)")
+    p.add_argument("--out", default="samples.png", help="the picture to write (default samples.png)")
+    p.add_argument("--n", type=int, default=32, help="candidates drawn per prompt (paper: 512; default 32)")
+    p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, ranked by CLIP (default 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (paper: off)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--image", default=None, help="an image prompt: its top rows are kept (Sec 3.3)")
+    args = p.parse_args(argv)
+    if any(not prompt.strip() for prompt in args.prompts):
+        p.error("a prompt is empty: say what to draw, e.g. \"a red circle\"")
+    if args.n < 1 or not 1 <= args.keep <= args.n:
+        p.error(f"need --n >= 1 and 1 <= --keep <= --n, got --n {args.n} --keep {args.keep}")
+    if not args.temperature > 0:
+        p.error(f"--temperature must be positive, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    return args
+
+
+def load_image_prompt(path, size):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+    except (OSError, UnidentifiedImageError) as e:
+        die(f"cannot read the image prompt {path}: {e}")
+    return torch.tensor(list(img.getdata()), dtype=torch.float32).view(1, size, size, 3).permute(0, 3, 1, 2) / 255
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        die(f"no checkpoint at {args.checkpoint}: train one first with `python train.py`", code=2)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        die(f"cannot write {args.out}: {out_dir} is not a writable folder")
+    try:
+        device = pick_device(args.device)
+        model, ckpt = DALLE.load(args.checkpoint, device)
+    except (CheckpointError, ValueError) as e:
+        die(e)
+    c = model.config
+    for prompt in args.prompts:
+        n_tokens = len(model.tokenizer.encode(prompt.lower()))
+        if n_tokens > c.text_seq_len:
+            print(f"warning: {prompt[:40]!r}... is {n_tokens} tokens; only the first {c.text_seq_len} are used",
+                  file=sys.stderr)
+    image = load_image_prompt(args.image, c.image_size) if args.image else None
+    images, scores = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
+                                    top_k=args.top_k, seed=args.seed, image_prompt=image)
+    try:
+        image_grid(images).save(args.out)
+    except (OSError, ValueError) as e:
+        die(f"cannot write {args.out}: {e}")
+    print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP (checkpoint step {ckpt['step']})")
+    for prompt, row in zip(args.prompts, scores.tolist()):
+        print(f"  {prompt!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row))
+
+
+if __name__ == "__main__":
+    main()

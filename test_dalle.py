@@ -1,0 +1,588 @@
+"""Tests for dalle.py, train.py and sample.py: pytest, CPU, offline, a minute or two on 2 cores."""
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import dalle
+from dalle import (CLIP, DALLE, BPETokenizer, CheckpointError, DALLEConfig, DiscreteVAE, Transformer,
+                   attention_mask, gumbel_temperature, image_mask, kl_weight, layer_mask_kind, load_openai_dvae,
+                   logit_laplace_nll, rerank)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = DALLEConfig(image_size=32, n_hid=8, n_init=16, image_vocab_size=64, text_seq_len=8, text_vocab_size=300,
+                   n_layer=4, n_head=2, n_embd=32, conv_kernel=3, clip_embd=16, clip_layer=1, clip_head=2)
+CORPUS = "a red circle above a blue square. a large green triangle on the left. there is a small white diamond. " * 5
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    tok = BPETokenizer()
+    tok.train(CORPUS, 300)
+    return DALLE(TINY, tok).eval()
+
+# -----------------------------------------------------------------------------
+# BPE tokenizer
+
+
+def test_bpe_worked_example():  # minbpe's example: https://en.wikipedia.org/wiki/Byte_pair_encoding
+    tok = BPETokenizer()
+    tok.train("aaabdaaabac", 256 + 3)
+    assert tok.merges == {(97, 97): 256, (256, 97): 257, (257, 98): 258}
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.decode([258, 100, 258, 97, 99]) == "aaabdaaabac"
+
+
+def test_bpe_splits_with_the_gpt2_pattern_before_merging():
+    tok = BPETokenizer()
+    tok.train("ab ab ab ab", 256 + 10)
+    assert all(b" " not in tok.vocab[i][1:] for i in tok.merges.values())  # no merge crosses a word boundary
+    assert tok.merges == {(97, 98): 256, (32, 256): 257}  # then nothing is left to merge: training stops
+    assert tok.encode("ab ab") == [256, 257]
+
+
+@pytest.mark.parametrize("text", ["", "a red circle", "🙂 an emoji and 🎨", "中文字符 テスト 한국어", "x" * 3000,
+                                  "Mixed CASE, digits 12345 and\nnew lines\t tabs!"])
+def test_bpe_round_trip(text):
+    tok = BPETokenizer()
+    tok.train(CORPUS + " 🙂 中文 xxxx", 400)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_dropout_changes_segmentation_yet_decodes_to_the_same_text():
+    tok = BPETokenizer()
+    tok.train(CORPUS, 400)
+    text = "a large green triangle above a blue square"
+    rng = random.Random(0)
+    plain = tok.encode(text)
+    dropped = [tok.encode(text, dropout=0.1, rng=rng) for _ in range(20)]
+    assert any(d != plain for d in dropped)
+    assert all(tok.decode(d) == text for d in dropped)
+    assert tok.encode(text) == plain  # off at inference: the same every time
+
+
+def test_bpe_save_load_identity():
+    tok = BPETokenizer()
+    tok.train(CORPUS, 350)
+    tok2 = BPETokenizer.from_dict(tok.to_dict())
+    assert tok2.merges == tok.merges and tok2.pattern == tok.pattern and tok2.vocab == tok.vocab
+    assert tok2.encode("a blue diamond at the top") == tok.encode("a blue diamond at the top")
+
+
+def test_bpe_merges_apply_lowest_rank_first():
+    # with merges (b, c) ranked before (a, b), "abc" must become [a, bc], not [ab, c]
+    tok = BPETokenizer({(98, 99): 256, (97, 98): 257})
+    assert tok.encode("abc") == [97, 256]
+
+
+def test_bpe_decode_rejects_unknown_ids():
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        BPETokenizer().decode([100000])
+
+
+def test_tokenize_lower_cases_and_gives_each_empty_slot_its_own_pad():
+    model = tiny_model()
+    text = model.tokenize(["A RED Circle", "a red circle"])
+    assert torch.equal(text[0], text[1])
+    n = len(model.tokenizer.encode("a red circle"))
+    V = TINY.text_vocab_size
+    assert text[0, n:].tolist() == [V + i for i in range(n, TINY.text_seq_len)]
+    long = model.tokenize(["a red circle " * 20])
+    assert long.shape == (1, TINY.text_seq_len) and (long < V).all()  # truncated, no pads
+
+# -----------------------------------------------------------------------------
+# dVAE
+
+
+def test_dvae_shapes_toy():
+    c = DALLEConfig()
+    vae = DiscreteVAE(c)
+    images = torch.rand(2, 3, 64, 64)
+    assert vae.logits(images).shape == (2, 512, 8, 8)
+    codes = vae.encode(images)
+    assert codes.shape == (2, 8, 8) and codes.dtype == torch.long
+    out = vae.decode(codes)
+    assert out.shape == (2, 3, 64, 64) and out.min() >= 0 and out.max() <= 1
+
+
+def test_dvae_shapes_paper_on_meta_device():
+    with torch.device("meta"):
+        vae = DiscreteVAE(DALLEConfig.paper())
+        logits = vae.logits(torch.zeros(1, 3, 256, 256))
+        mu, ln_b = vae.decode_soft(torch.zeros(1, 8192, 32, 32))
+    assert logits.shape == (1, 8192, 32, 32) and mu.shape == ln_b.shape == (1, 3, 256, 256)
+    assert abs(dalle.n_params(vae.encoder) - 53.8e6) < 0.1e6 and abs(dalle.n_params(vae.decoder) - 43.8e6) < 0.1e6
+
+
+def test_dvae_rejects_wrong_image_shapes():
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        DiscreteVAE(TINY).encode(torch.rand(1, 3, 64, 64))
+
+
+def test_logit_laplace_is_a_density_on_the_unit_interval():
+    x = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
+    for mu, ln_b in ((0.0, 0.0), (1.5, -1.0), (-2.0, 0.5)):
+        f = torch.exp(-logit_laplace_nll(x, torch.tensor(mu), torch.tensor(ln_b)))
+        assert abs(torch.trapezoid(f, x).item() - 1) < 1e-3
+
+
+def test_dvae_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    vae = DiscreteVAE(TINY)
+    images = torch.zeros(4, 3, 32, 32)
+    images[:, 0, 8:20, 8:20] = 1.0  # a red square
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    losses = []
+    for step in range(40):
+        _, loss, stats = vae(images, tau=1.0, beta=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert stats["kl"] >= 0
+
+
+def test_dvae_loss_is_normalised_per_subpixel():
+    torch.manual_seed(0)
+    vae = DiscreteVAE(TINY)
+    images = torch.rand(2, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    _, loss0, s = vae(images, tau=1.0, beta=0.0, generator=gen)
+    _, loss1, _ = vae(images, tau=1.0, beta=2.0, generator=torch.Generator().manual_seed(0))
+    assert math.isclose(loss0.item(), s["nll"], rel_tol=1e-5)
+    # the KL term counts h*w / (H*W*3) = 16 / 3072 per position (1/192)
+    assert math.isclose((loss1 - loss0).item(), 2.0 * s["kl"] / 192, rel_tol=1e-4)
+
+
+def test_schedule_endpoints():
+    assert gumbel_temperature(0, 100) == 1.0
+    assert math.isclose(gumbel_temperature(100, 100), 1 / 16) and math.isclose(gumbel_temperature(500, 100), 1 / 16)
+    assert math.isclose(gumbel_temperature(50, 100), (1 + 1 / 16) / 2)  # cosine: half way at the midpoint
+    assert kl_weight(0, 5000) == 0.0
+    assert math.isclose(kl_weight(5000, 5000), 6.6) and math.isclose(kl_weight(10 ** 6, 5000), 6.6)
+    assert math.isclose(kl_weight(2500, 5000), 3.3)
+
+
+def _openai_keys(vae):
+    """Our state_dict keys in openai/DALL-E's naming, by the table in load_openai_dvae's docstring."""
+    enc, dec = {}, {}
+    for k, v in vae.state_dict().items():
+        part, rest = k.split(".", 1)
+        stem, leaf = rest.rsplit(".", 1)
+        (enc if part == "encoder" else dec)["blocks." + stem + {"weight": ".w", "bias": ".b"}[leaf]] = v
+    return enc, dec
+
+
+def test_openai_key_table():
+    vae = DiscreteVAE(replace(DALLEConfig.paper(), image_size=64, n_hid=64, n_blk_per_group=2))
+    enc, dec = _openai_keys(vae)
+    for key in ("blocks.input.w", "blocks.group_1.block_1.res_path.conv_1.w", "blocks.group_2.block_1.id_path.w",
+                "blocks.group_4.block_2.res_path.conv_4.b", "blocks.output.conv.w"):
+        assert key in enc
+    assert "blocks.group_1.block_1.id_path.w" not in enc  # same width: the identity path has no conv
+    assert dec["blocks.input.w"].shape == (128, 8192, 1, 1)  # the codebook conv
+    assert dec["blocks.output.conv.w"].shape == (6, 64, 1, 1)
+    loaded = load_openai_dvae(enc, dec, image_size=64)
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(loaded.encode(images), vae.encode(images))
+
+
+def test_openai_loader_matches_the_official_modules():
+    dall_e = pytest.importorskip("dall_e", reason="the dall-e package is not installed")
+    torch.manual_seed(0)
+    enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+    for p in list(enc.parameters()) + list(dec.parameters()):  # their biases start at zero: make them count
+        p.data.add_(torch.randn_like(p) * 0.02)
+    vae = load_openai_dvae(enc.state_dict(), dec.state_dict(), image_size=64)
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        theirs = enc(dall_e.map_pixels(images)).argmax(1)
+        one_hot = torch.nn.functional.one_hot(theirs, 512).permute(0, 3, 1, 2).float()
+        recon = dall_e.unmap_pixels(torch.sigmoid(dec(one_hot)[:, :3]))
+    assert torch.equal(vae.encode(images), theirs)
+    assert (vae.decode(theirs) - recon).abs().max() < 1e-4
+
+# -----------------------------------------------------------------------------
+# Transformer prior
+
+
+def test_paper_preset_size_and_logits_on_meta_device():
+    c = DALLEConfig.paper()
+    with torch.device("meta"):
+        prior = Transformer(c)
+        logits, losses = prior(torch.zeros(1, 256, dtype=torch.long), torch.zeros(1, 1024, dtype=torch.long))
+    assert 11.5e9 < dalle.n_params(prior) < 12.5e9  # about 12B (Table 1)
+    assert logits.shape == (1, 1280, 16384 + 256 + 8192)
+    assert c.n_embd // c.n_head == 64
+
+
+def test_layer_schedule_of_64_layers():
+    kinds = [layer_mask_kind(i, 64) for i in range(1, 65)]
+    assert kinds.count("row") == 47 and kinds.count("column") == 16 and kinds.count("conv") == 1
+    assert kinds[-1] == "conv" and kinds[1] == "column" and kinds[0] == "row" and kinds[5] == "column"
+
+
+def _reads(kind, q, kernel=3):
+    return set(torch.nonzero(image_mask(kind, 4, 4, kernel)[q]).flatten().tolist())
+
+
+def test_row_mask_on_4x4_grid():
+    assert _reads("row", 5) == {1, 2, 3, 4}  # back to the same column of the previous row
+    assert _reads("row", 0) == set() and _reads("row", 2) == {0, 1}
+
+
+def test_column_mask_on_4x4_grid():
+    assert _reads("column", 13) == {1, 5, 9}  # the earlier cells of its own column
+    assert _reads("column", 3) == set()
+
+
+def test_conv_mask_on_4x4_grid():
+    assert _reads("conv", 10) == {5, 6, 7, 9}  # causal 3x3 neighbourhood
+    assert _reads("conv", 4) == {0, 1}
+    assert _reads("conv", 15, kernel=11) == set(range(15))  # 11x11 covers all of a 4x4 grid
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_masks_never_read_the_present_or_future(kind):
+    assert not (image_mask(kind, 4, 4) & ~torch.ones(16, 16).tril(-1).bool()).any()
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_image_positions_read_all_text_and_text_is_causal(kind):
+    T_txt = 5
+    mask = attention_mask(kind, T_txt, 4, 4, 3)  # (21, 21)
+    assert mask[T_txt:, :T_txt + 1].all()  # every image output reads the start token and all text
+    assert torch.equal(mask[:T_txt + 1, :T_txt + 1], torch.ones(T_txt + 1, T_txt + 1).tril().bool())
+    assert not mask[:T_txt, T_txt + 1:].any()  # text never reads image tokens
+    assert not (mask & ~torch.ones(21, 21).tril().bool()).any()
+    # output T_txt + q may read input T_txt + 1 + k exactly when the image mask allows q -> k
+    assert torch.equal(mask[T_txt:, T_txt + 1:], image_mask(kind, 4, 4, 3)[:, :-1])
+
+
+def _random_batch(c, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, c.text_vocab_size, (B, c.text_seq_len), generator=g)
+    codes = torch.randint(0, c.image_vocab_size, (B, c.image_seq_len), generator=g)
+    return text, codes
+
+
+def test_prior_is_causal():
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, codes = _random_batch(TINY)
+    logits, _ = prior(text, codes)
+    j = 6  # change image cell j: it is the input at position T_txt + 1 + j
+    codes2 = codes.clone()
+    codes2[:, j] = (codes2[:, j] + 1) % TINY.image_vocab_size
+    logits2, _ = prior(text, codes2)
+    p = TINY.text_seq_len + 1 + j
+    assert torch.allclose(logits[:, :p], logits2[:, :p], atol=1e-5)
+    assert not torch.allclose(logits[:, p:], logits2[:, p:], atol=1e-5)
+    text2 = text.clone()
+    text2[:, 3] = (text2[:, 3] + 1) % TINY.text_vocab_size  # text token 3 is the input at position 4
+    logits3, _ = prior(text2, codes)
+    assert torch.allclose(logits[:, :4], logits3[:, :4], atol=1e-5)
+    assert not torch.allclose(logits[:, 4:], logits3[:, 4:], atol=1e-5)
+
+
+def test_text_positions_never_predict_image_ids_and_vice_versa():
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, codes = _random_batch(TINY)
+    logits, _ = prior(text, codes)
+    probs = logits.softmax(-1)
+    T_txt, n_text_ids = TINY.text_seq_len, prior.n_text_ids
+    assert probs[:, :T_txt, n_text_ids:].sum() == 0 and probs[:, T_txt:, :n_text_ids].sum() == 0
+
+
+def test_loss_is_one_eighth_text_seven_eighths_image():
+    torch.manual_seed(0)
+    prior = Transformer(TINY)
+    _, losses = prior(*_random_batch(TINY))
+    assert torch.isclose(losses["loss"], losses["text"] / 8 + 7 * losses["image"] / 8)
+
+
+def test_kv_cache_generation_equals_uncached_generation():
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, codes = _random_batch(TINY, B=3)
+    for prompt in (None, codes[:, :5]):
+        for top_k in (None, 10):
+            fast = prior.generate(text, prompt, top_k=top_k, generator=torch.Generator().manual_seed(1))
+            slow = prior.generate(text, prompt, top_k=top_k, generator=torch.Generator().manual_seed(1),
+                                  use_cache=False)
+            assert torch.equal(fast, slow)
+    assert torch.equal(fast[:, :5], codes[:, :5])  # the image prompt is kept
+
+
+def test_generation_is_reproducible_with_a_seed_and_top_k_restricts_it():
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, _ = _random_batch(TINY)
+    a = prior.generate(text, generator=torch.Generator().manual_seed(3))
+    b = prior.generate(text, generator=torch.Generator().manual_seed(3))
+    c = prior.generate(text, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1 = prior.generate(text, top_k=1, generator=torch.Generator().manual_seed(5))
+    g2 = prior.generate(text, top_k=1, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(g1, g2)  # top-1 is greedy, whatever the seed
+
+
+def test_tiny_prior_overfits_one_batch():
+    torch.manual_seed(0)
+    prior = Transformer(TINY)
+    text, codes = _random_batch(TINY, B=4)
+    opt = torch.optim.AdamW(prior.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, losses = prior(text, codes)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert losses["image"].item() < 0.3 and losses["text"].item() < 0.3
+
+# -----------------------------------------------------------------------------
+# CLIP and reranking
+
+
+def test_clip_loss_falls_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny_model()
+    captions = ["a red circle", "a blue square", "a green triangle", "a white diamond"]
+    text = model.tokenize(captions)
+    images = torch.rand(4, 3, 32, 32)
+    opt = torch.optim.Adam(model.clip.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = model.clip(text, images)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    scores = model.clip.score(text.repeat_interleave(4, 0), images.repeat(4, 1, 1, 1)).view(4, 4)
+    assert torch.equal(scores.argmax(1), torch.arange(4))  # each caption prefers its own image
+
+
+def test_rerank_returns_the_best_in_score_order():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    assert rerank(scores, 2).tolist() == [[1, 3], [2, 0]]
+
+
+def test_generate_keeps_candidates_in_clip_order_and_is_reproducible():
+    model = tiny_model()
+    images, scores = model.generate(["a red circle", "a blue square"], n=6, keep=3, seed=1)
+    assert images.shape == (2, 3, 3, 32, 32) and scores.shape == (2, 3)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    text = model.tokenize(["a red circle"] * 3)
+    assert torch.allclose(model.clip.score(text, images[0]), scores[0], atol=1e-5)
+    again, _ = model.generate(["a red circle", "a blue square"], n=6, keep=3, seed=1)
+    assert torch.equal(images, again)
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model()
+    path = str(tmp_path / "m.pt")
+    model.save(path, step=7)
+    loaded, ckpt = DALLE.load(path)
+    assert ckpt["step"] == 7 and loaded.config == model.config
+    assert loaded.tokenizer.merges == model.tokenizer.merges
+    a, _ = model.generate(["a red circle"], n=4, keep=2, seed=0)
+    b, _ = loaded.generate(["a red circle"], n=4, keep=2, seed=0)
+    assert torch.equal(a, b)
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    path = tmp_path / "m.pt"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        DALLE.load(str(path))
+    tiny_model().save(str(path))
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
+    for name in ("trunc.pt", "junk.pt"):
+        with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+            DALLE.load(str(tmp_path / name))
+    ckpt = torch.load(str(path), weights_only=True)
+    ckpt["config"]["n_embd"] = 64
+    torch.save(ckpt, str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="incompatible"):
+        DALLE.load(str(tmp_path / "other.pt"))
+    torch.save({"weights": torch.zeros(1)}, str(tmp_path / "foreign.pt"))
+    with pytest.raises(CheckpointError, match="not a dalle.py checkpoint"):
+        DALLE.load(str(tmp_path / "foreign.pt"))
+
+
+def test_checkpoint_never_unpickles_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"format": "dalle.py/1", "x": Evil()}, str(tmp_path / "evil.pt"))
+    with pytest.raises(CheckpointError):
+        DALLE.load(str(tmp_path / "evil.pt"))
+
+
+def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = str(tmp_path / "m.pt")
+    model.save(path, step=1)
+    before = open(path, "rb").read()
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        model.save(path, step=2)
+    assert open(path, "rb").read() == before
+
+
+def test_importing_dalle_has_no_side_effects(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import dalle, train",
+                          HERE], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "" and os.listdir(tmp_path) == []
+
+# -----------------------------------------------------------------------------
+# The Shapes world, train.py and sample.py
+
+train = pytest.importorskip("train")
+
+
+def test_world_never_renders_a_held_out_pair():
+    rng = random.Random(0)
+    for _ in range(3000):
+        objects, _ = train.random_scene(rng)
+        assert all((o.colour, o.shape) not in train.HELD_OUT for o in objects)
+    held = [train.random_scene(rng, held_out=True)[0][0] for _ in range(200)]
+    assert {(o.colour, o.shape) for o in held} == train.HELD_OUT
+
+
+def test_world_renders_exact_colours_on_black():
+    objects = [train.Obj("orange", "square", 20, 32, 32)]
+    img = train.render(objects)
+    assert tuple(img[32, 32]) == train.COLOURS["orange"] and tuple(img[0, 0]) == (0, 0, 0)
+    assert set(map(tuple, img.reshape(-1, 3))) == {(0, 0, 0), train.COLOURS["orange"]}
+
+
+def test_two_object_scenes_hold_their_relation_without_overlap():
+    rng = random.Random(1)
+    for _ in range(300):
+        objects, relation = train.random_scene(rng)
+        if relation:
+            a, b = objects
+            assert train.relation_holds(a, b, relation) and a.size <= 16 and b.size <= 16
+            assert len(train.read_objects(train.render(objects))) == 2
+
+
+def test_captions_parse_back_to_their_scenes():
+    rng = random.Random(2)
+    for _ in range(500):
+        objects, relation = train.random_scene(rng)
+        spec = train.parse(train.caption(objects, relation, rng))
+        assert spec["relation"] == relation
+        assert [(o["colour"], o["shape"]) for o in spec["objects"]] == [(o.colour, o.shape) for o in objects]
+        if "size" in spec["objects"][0]:
+            assert spec["objects"][0]["size"] == train.size_word(objects[0].size)
+        if "position" in spec:
+            assert spec["position"] in train.true_positions(objects[0])
+    assert train.parse("an elephant playing chess") is None
+    assert train.parse("an orange circle")["objects"] == [{"colour": "orange", "shape": "circle"}]
+
+
+def test_checker_is_right_on_clean_renders():
+    rng = random.Random(3)
+    scenes = [train.random_scene(rng) for _ in range(300)] + [train.random_scene(rng, True) for _ in range(100)]
+    for objects, relation in scenes:
+        assert train.judge(train.parse(train.caption(objects, relation, rng)), train.render(objects))["all"]
+
+
+def test_checker_rejects_what_the_caption_does_not_say():
+    img = train.render([train.Obj("red", "circle", 28, 16, 32)])  # a large red circle on the left
+    assert train.judge(train.parse("a large red circle on the left"), img)["all"]
+    for wrong in ("a blue circle", "a red square", "a red triangle", "a red diamond", "a small red circle",
+                  "a red circle on the right", "a red circle above a blue square"):
+        assert not train.judge(train.parse(wrong), img)["all"], wrong
+    scene = [train.Obj("green", "triangle", 14, 20, 32), train.Obj("yellow", "diamond", 14, 44, 32)]
+    img = train.render(scene)
+    assert train.judge(train.parse("a green triangle to the left of a yellow diamond"), img)["all"]
+    assert train.judge(train.parse("a yellow diamond to the right of a green triangle"), img)["all"]
+    assert not train.judge(train.parse("a green triangle to the right of a yellow diamond"), img)["all"]
+    assert not train.judge(train.parse("a green triangle above a yellow diamond"), img)["all"]
+    assert not train.judge(train.parse("a green triangle"), np.zeros((64, 64, 3), np.uint8))["all"]
+
+
+TINY_RUN = ["--dvae-steps", "3", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64", "--eval-prompts", "2",
+            "--sample-every", "0", "--log-every", "1", "--dvae-batch", "4", "--prior-batch", "4", "--clip-batch", "4",
+            "--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,clip_embd=16,clip_head=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main(TINY_RUN + ["--out-dir", str(out)])
+    return out
+
+
+def run_sample(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(trained, tmp_path):
+    assert (trained / "dalle.pt").exists() and (trained / "report.txt").exists()
+    assert (trained / "dvae_recon.png").exists() and (trained / "final.png").exists()
+    out = tmp_path / "s.png"
+    r = run_sample("a red circle", "a blue square above a green circle", "--checkpoint", str(trained / "dalle.pt"),
+                   "--out", str(out), "--n", "4", "--keep", "2")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
+    r2 = run_sample("a red circle", "a blue square above a green circle", "--checkpoint",
+                    str(trained / "dalle.pt"), "--out", str(tmp_path / "s2.png"), "--n", "4", "--keep", "2")
+    assert out.read_bytes() == (tmp_path / "s2.png").read_bytes()  # same seed, same images
+    r3 = run_sample("🦄 " * 40, "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s3.png"),
+                    "--n", "2", "--keep", "1", "--image", str(out))
+    assert r3.returncode == 0 and "warning" in r3.stderr and (tmp_path / "s3.png").exists()
+
+
+def test_resume_continues_an_interrupted_run(trained, tmp_path):
+    import shutil
+    shutil.copy(trained / "dalle.pt", tmp_path / "dalle.pt")
+    train.main(TINY_RUN + ["--out-dir", str(tmp_path), "--resume"])
+    _, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
+    assert ckpt["stage"] == "done"
+
+
+def _one_line_error(r, code=None):
+    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_sample_bad_inputs_exit_with_one_line(trained, tmp_path):
+    ckpt = str(trained / "dalle.pt")
+    r = run_sample("a red circle", "--checkpoint", str(tmp_path / "missing.pt"))
+    _one_line_error(r, 2)
+    assert "python train.py" in r.stderr
+    _one_line_error(run_sample("", "--checkpoint", ckpt))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--n", "0"))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--temperature", "-1"))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--nonsense"))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--device", "warp-drive"))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--out", str(tmp_path / "no" / "dir.png")))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--image", str(tmp_path / "none.png")))
+    bad = tmp_path / "bad.pt"
+    data = open(ckpt, "rb").read()
+    bad.write_bytes(data[: len(data) // 3])
+    _one_line_error(run_sample("a red circle", "--checkpoint", str(bad)))
+    assert open(ckpt, "rb").read() == data
