@@ -22,6 +22,7 @@ Shape legend
   B batch, T = T_txt + T_img sequence, C channels (n_embd), nh heads, hs head size,
   H, W pixels, h, w token grid (T_img = h*w), K image vocab, V text vocab, N candidates per prompt.
 """
+import argparse
 import math
 import os
 import random
@@ -534,14 +535,16 @@ class Transformer(nn.Module):
             raise ValueError(f"codes must be (B, {self.config.image_seq_len}), got {tuple(codes.shape)}")
         T_txt, V = self.config.text_seq_len, self.n_text_ids
         x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
-        logits = self.lm_head(self.run(x))  # (B, T, V + K): (B, 1280, 16384 + 256 + 8192) in the paper
-        logits_txt = logits[:, :T_txt, :V]  # (B, T_txt, V): text positions predict text ids only
-        logits_img = logits[:, T_txt:, V:]  # (B, T_img, K): image positions predict image codes only
+        x = self.run(x)  # (B, T, C)
+        W = self.lm_head.weight  # (V + K, C): one output vocabulary, each position uses its own part of it
+        logits_txt = F.linear(x[:, :T_txt], W[:V])  # (B, T_txt, V): text positions predict text ids only
+        logits_img = F.linear(x[:, T_txt:], W[V:])  # (B, T_img, K): image positions predict image codes only
         loss_txt = F.cross_entropy(logits_txt.reshape(-1, V), text.reshape(-1))
         loss_img = F.cross_entropy(logits_img.reshape(-1, logits_img.shape[-1]), codes.reshape(-1))
         loss = loss_txt / 8 + loss_img * 7 / 8  # each averaged over its own count (Sec 2.2)
         logits = torch.cat([F.pad(logits_txt, (0, logits_img.shape[-1]), value=float("-inf")),
                             F.pad(logits_img, (V, 0), value=float("-inf"))], dim=1)  # (B, T, V + K)
+        # (B, 1280, 16384 + 256 + 8192) in the paper; the other modality's ids get probability zero
         return logits, {"loss": loss, "text": loss_txt, "image": loss_img}
 
 # -----------------------------------------------------------------------------
@@ -750,6 +753,13 @@ def pick_device(name=None):
     if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not has_mps):
         raise ValueError(f"device {name} is not available on this machine")
     return device
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2, not the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def image_grid(images, gap=2):

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from dalle import DALLE, CheckpointError, image_grid, pick_device
+from dalle import DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
 
 
 def die(message, code=1):
@@ -21,7 +21,7 @@ def die(message, code=1):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", help="one or more captions, each in quotes")
     p.add_argument("--checkpoint", default="out/dalle.pt", help="written by train.py (default out/dalle.pt)")
     p.add_argument("--out", default="samples.png", help="the picture to write (default samples.png)")

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dalle import (DALLE, BPETokenizer, CheckpointError, DALLEConfig, gumbel_temperature, image_grid,
-                   kl_weight, pick_device)
+from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, gumbel_temperature,
+                   image_grid, kl_weight, pick_device)
 
 # -----------------------------------------------------------------------------
 # The Shapes world: 64x64, black background, 8 colours, 4 shapes, 2 sizes, positions and relations
@@ -513,13 +513,13 @@ def benchmark(device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="out", help="where the checkpoint, pictures and report go (default out)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
     p.add_argument("--dvae-steps", type=int, default=640, help="stage 1 updates")
-    p.add_argument("--prior-steps", type=int, default=480, help="stage 2 updates")
+    p.add_argument("--prior-steps", type=int, default=560, help="stage 2 updates")
     p.add_argument("--clip-steps", type=int, default=200, help="stage 3 updates")
     p.add_argument("--pool", type=int, default=12000, help="scenes rendered for training")
     p.add_argument("--eval-prompts", type=int, default=24, help="report prompts per group")
