@@ -79,7 +79,8 @@ def main(argv=None):
         image_grid(images).save(args.out)
     except (OSError, ValueError) as e:
         die(f"cannot write {args.out}: {e}")
-    print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP (checkpoint step {ckpt['step']})")
+    print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP ({args.checkpoint}, "
+          f"stage {ckpt.get('stage', '?')})")
     for prompt, row in zip(args.prompts, scores.tolist()):
         print(f"  {prompt!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row))
 
