@@ -39,10 +39,11 @@ PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 SEEN_PAIRS = [p for p in PAIRS if p not in HELD_OUT]
 SIZE = 64
 MARGIN = 8  # a relation holds between the centres by at least this many pixels
-# DEVIATION (of the toy world, not the paper): centres lie on a 4-pixel lattice and sizes are exact (SHAPES.md
-# allows jitter, it does not ask for it): an 8x8 grid of codes then meets each shape in only a few alignments,
-# which a dVAE trained for minutes can learn.
-LATTICE = 4
+# DEVIATION (of the toy world, not the paper): centres lie on an 8-pixel lattice and sizes are exact (SHAPES.md
+# allows jitter, it does not ask for it): the 8x8 grid of codes then meets each shape in one alignment, which a
+# dVAE trained for minutes can learn (400-update probes: 12.5% / 30.5% of seen / held-out reconstructions fully
+# right, against 9.8% / 11.7% with a 4-pixel lattice).
+LATTICE = 8
 
 
 @dataclass
