@@ -317,6 +317,8 @@ class DiscreteVAE(nn.Module):
         """The negative ELB of App. A, divided by H*W*3. Returns (reconstructions, loss, stats).
 
         recon_loss="mse" swaps the logit-Laplace NLL for the squared error of sigmoid(mu) (see train.py)."""
+        if recon_loss not in ("logit-laplace", "mse"):
+            raise ValueError(f"recon_loss must be 'logit-laplace' or 'mse', got {recon_loss!r}")
         logits = self.logits(images)  # (B, K, h, w)
         B, K, h, w = logits.shape
         # gumbel-softmax relaxation [5], soft in forward and backward (App. A.2)
@@ -331,8 +333,6 @@ class DiscreteVAE(nn.Module):
         kl = (log_q.exp() * (log_q + math.log(K))).sum(dim=1).mean()  # mean per-position KL
         # the loss is divided by H*W*3, so the KL counts h*w / (H*W*3) = 1/192 of a subpixel per position
         kl_scale = h * w / (images.shape[2] * images.shape[3] * 3)
-        if recon_loss not in ("logit-laplace", "mse"):
-            raise ValueError(f"recon_loss must be 'logit-laplace' or 'mse', got {recon_loss!r}")
         loss = (nll if recon_loss == "logit-laplace" else mse) + beta * kl_scale * kl
         recon = unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
         return recon, loss, {"nll": nll.item(), "mse": mse.item(), "kl": kl.item()}
@@ -771,7 +771,6 @@ def image_grid(images, gap=2):
         for n in range(N):
             grid[:, gap + r * (H + gap):(r + 1) * (H + gap), gap + n * (W + gap):(n + 1) * (W + gap)] = images[r, n]
     return Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
-
 
 
 def draw_masks(grid=4, kernel=3, cell=16):

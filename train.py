@@ -98,13 +98,18 @@ def random_scene(rng, held_out=False):
             return [a, b], relation
 
 
-def shape_polygon(shape, cx, cy, size):
-    r = size / 2
-    if shape == "triangle":  # apex up, base horizontal
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "diamond":  # a square rotated 45 degrees
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
-    return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+def draw_shape(draw, shape, box, fill):
+    """Draw one shape filling box = [x0, y0, x1, y1]; the renderer and the checker's templates share it."""
+    x0, y0, x1, y1 = box
+    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "triangle":  # apex up, base horizontal
+        draw.polygon([(xm, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "diamond":  # a square rotated 45 degrees
+        draw.polygon([(xm, y0), (x1, ym), (xm, y1), (x0, ym)], fill=fill)
+    else:
+        draw.polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
 def render(objects):
@@ -113,10 +118,7 @@ def render(objects):
     draw = ImageDraw.Draw(img)
     for o in objects:
         r = o.size / 2
-        if o.shape == "circle":
-            draw.ellipse([o.cx - r, o.cy - r, o.cx + r, o.cy + r], fill=COLOURS[o.colour])
-        else:
-            draw.polygon(shape_polygon(o.shape, o.cx, o.cy, o.size), fill=COLOURS[o.colour])
+        draw_shape(draw, o.shape, [o.cx - r, o.cy - r, o.cx + r, o.cy + r], COLOURS[o.colour])
     return np.asarray(img)
 
 
@@ -206,16 +208,7 @@ def _classify(ys, xs):
     best, best_iou = None, MIN_SHAPE_IOU
     for shape in SHAPES:
         tpl = Image.new("1", (bw, bh))
-        draw = ImageDraw.Draw(tpl)
-        box = [0, 0, bw - 1, bh - 1]
-        if shape == "circle":
-            draw.ellipse(box, fill=1)
-        elif shape == "square":
-            draw.rectangle(box, fill=1)
-        else:
-            r = [(x * (bw - 1), y * (bh - 1)) for x, y in
-                 {"triangle": ((0.5, 0), (1, 1), (0, 1)), "diamond": ((0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5))}[shape]]
-            draw.polygon(r, fill=1)
+        draw_shape(ImageDraw.Draw(tpl), shape, [0, 0, bw - 1, bh - 1], 1)
         tpl = np.asarray(tpl, dtype=bool)
         iou = (tpl & comp).sum() / (tpl | comp).sum()
         if iou > best_iou:
@@ -301,7 +294,7 @@ def fmt_time(s):
 
 
 def train_dvae(model, pool, args, device, state):
-    """Stage 1 (Sec 2.1, App. A.2): gumbel-softmax relaxation, tau 1 -> 1/16, KL weight beta ramped to 6.6."""
+    """Stage 1 (Sec 2.1, App. A.2): gumbel-softmax relaxation, tau 1 -> 1/16, KL weight beta ramped up to --beta."""
     vae, steps = model.vae, args.dvae_steps
     # DEVIATION: lr 1e-3 (paper: 1e-4), beta ramped over a quarter of the run to 1 (paper: to 6.6 over 5,000 of
     # 3M updates): a toy run has a few hundred updates, not millions. No EMA of weights for the same reason.
@@ -320,7 +313,7 @@ def train_dvae(model, pool, args, device, state):
         tau, beta = gumbel_temperature(step, steps), kl_weight(step, steps // 4, args.beta)
         idx = torch.randint(len(pool[1]), (args.dvae_batch,), generator=torch.Generator().manual_seed(step))
         images = to_float(pool[1][idx], device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        recon, loss, stats = vae(images, tau, beta, generator=gen, recon_loss="mse")
+        _, loss, stats = vae(images, tau, beta, generator=gen, recon_loss="mse")
         check_finite(loss, "dvae", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -448,7 +441,8 @@ def report(model, args, device, codes_pool):
     scenes = [random_scene(rng) for _ in range(256)] + [random_scene(rng, held_out=True) for _ in range(128)]
     images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in scenes])).permute(0, 3, 1, 2)
     images = to_float(images_u8, device)
-    recon = model.vae.decode(model.vae.encode(images))  # (n, 3, H, W)
+    codes = model.vae.encode(images)  # (n, h, w)
+    recon = model.vae.decode(codes)  # (n, 3, H, W)
     recon_u8 = (recon * 255).round().byte().cpu()
     used = codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
@@ -458,7 +452,7 @@ def report(model, args, device, codes_pool):
                  f"{checker_accuracy(scenes[:256], recon_u8[:256]):.1%} seen, "
                  f"{checker_accuracy(scenes[256:], recon_u8[256:]):.1%} held-out")
     text = model.tokenize([caption(o, r, rng) for o, r in scenes[:256]])
-    _, losses = model.transformer(text, model.vae.encode(images[:256]).flatten(1))
+    _, losses = model.transformer(text, codes[:256].flatten(1))
     lines.append(f"transformer loss: {losses['text'].item():.3f} nats per text token (pads included), "
                  f"{losses['image'].item():.3f} nats per image token (ln K = {math.log(c.image_vocab_size):.2f})")
     results = {}
