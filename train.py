@@ -340,7 +340,9 @@ def train_prior(model, pool, codes, args, device, state, prompts):
     scenes = pool[0]
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
-        # DEVIATION: warm-up over 5% of the run, then cosine decay (paper: 5,000 updates, then plateau decay)
+        # DEVIATION: warm-up over 5% of the run, then cosine decay (paper: 5,000 updates, then plateau decay);
+        # batch 32 (paper: 1024): on the same dVAE, 1,120 updates of 32 beat 560 of 64 in the same time
+        # (seen prompts right with CLIP's best of 8: 42% against 29%)
         lr = args.prior_lr * min(1, (step + 1) / max(1, steps // 20)) * cosine_lr(step, steps, 1, 0.05)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -516,7 +518,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
     p.add_argument("--dvae-steps", type=int, default=2000, help="stage 1 updates")
-    p.add_argument("--prior-steps", type=int, default=560, help="stage 2 updates")
+    p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
     p.add_argument("--clip-steps", type=int, default=200, help="stage 3 updates")
     p.add_argument("--pool", type=int, default=12000, help="scenes rendered for training")
     p.add_argument("--eval-prompts", type=int, default=24, help="report prompts per group")
@@ -525,7 +527,7 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
     # what a student need not touch, but a tiny test run does
     p.add_argument("--dvae-batch", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--prior-batch", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--prior-batch", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--clip-batch", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--dvae-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--prior-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
