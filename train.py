@@ -307,6 +307,7 @@ def train_dvae(model, pool, args, device, state):
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    fixed = to_float(pool[1][:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         lr = cosine_lr(step, steps, args.dvae_lr, args.dvae_lr / 80)  # App. A.2: 1e-4 -> 1.25e-6
@@ -321,8 +322,8 @@ def train_dvae(model, pool, args, device, state):
         loss.backward()
         opt.step()
         if step % args.log_every == 0 or step == steps - 1:
-            with torch.no_grad():  # codes in use on a fixed 64 scenes: the batch itself is too small to say
-                used = vae.logits(to_float(pool[1][:64], device)).argmax(1).unique().numel()
+            with torch.no_grad():
+                used = vae.logits(fixed).argmax(1).unique().numel()
             rate = (step + 1 - start) * args.dvae_batch / (time.time() - t0)
             log("dvae", step, steps, f"loss {loss.item():7.4f} mse {stats['mse']:.4f} kl {stats['kl']:5.2f}",
                 f"tau {tau:.3f} beta {beta:.2f} | codes {used:3d}/{vae.config.image_vocab_size}",
