@@ -615,11 +615,12 @@ class CLIP(nn.Module):
 
     def encode_text(self, text):
         """text (B, T_txt) -> unit embeddings (B, C), read at the last non-pad token as CLIP reads its [EOS]."""
-        B, T = text.shape
-        x = self.wte(text) + self.wpe(torch.arange(T, device=text.device))  # (B, T_txt, C)
-        for block in self.h:
-            x = block(x, self.causal)
         last = (text < self.config.text_vocab_size).sum(1).clamp(min=1) - 1  # (B,): pads follow the caption
+        text = text[:, :int(last.max()) + 1]  # the mask is causal: pads after the longest caption change nothing
+        B, T = text.shape
+        x = self.wte(text) + self.wpe(torch.arange(T, device=text.device))  # (B, T, C)
+        for block in self.h:
+            x = block(x, self.causal[:T, :T])
         x = self.ln_f(x[torch.arange(B, device=text.device), last])  # (B, C)
         return F.normalize(self.text_proj(x), dim=-1)
 

@@ -371,6 +371,19 @@ def test_clip_loss_falls_on_a_tiny_batch():
     assert torch.equal(scores.argmax(1), torch.arange(4))  # each caption prefers its own image
 
 
+def test_clip_text_embedding_does_not_depend_on_the_rest_of_the_batch():
+    model = tiny_model()  # encode_text skips the pads after the batch's longest caption: that must change nothing
+    clip, short, long = model.clip, model.tokenize(["red"]), model.tokenize(["a small red circle on the left"])
+    alone = clip.encode_text(short)
+    assert torch.allclose(clip.encode_text(torch.cat([short, long]))[:1], alone, atol=1e-6)
+    x = clip.wte(short) + clip.wpe(torch.arange(short.shape[1]))  # no skipping: every slot, the full causal mask
+    for block in clip.h:
+        x = block(x, clip.causal)
+    last = int((short < TINY.text_vocab_size).sum()) - 1
+    full = torch.nn.functional.normalize(clip.text_proj(clip.ln_f(x[:, last])), dim=-1)
+    assert last < short.shape[1] - 1 and torch.allclose(full, alone, atol=1e-6)
+
+
 def test_rerank_returns_the_best_in_score_order():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
     assert rerank(scores, 2).tolist() == [[1, 3], [2, 0]]
