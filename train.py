@@ -342,8 +342,9 @@ def train_prior(model, pool, codes, args, device, state, prompts):
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         # DEVIATION: warm-up over 5% of the run, then cosine decay (paper: 5,000 updates, then plateau decay);
-        # batch 32 (paper: 1024): on the same dVAE, 1,120 updates of 32 beat 560 of 64 in the same time
-        # (seen prompts right with CLIP's best of 8: 42% against 29%)
+        # batch 32, lr 2e-3 (paper: 1024, 4.5e-4): a CPU affords a thousand updates, not hundreds of thousands.
+        # Same dVAE, same time (a random candidate of 8 right on seen prompts): 1,120 x 32 at lr 2e-3 22%, at
+        # 1e-3 16% (1-thread probes; 2,240 x 16 at 2e-3 reached 29%, but on 2 threads batch 16 runs at 2/3 the speed)
         lr = args.prior_lr * min(1, (step + 1) / max(1, steps // 20)) * cosine_lr(step, steps, 1, 0.05)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -367,25 +368,28 @@ def train_prior(model, pool, codes, args, device, state, prompts):
     state.update(stage="clip", step=0, opt=None)
 
 
-def train_clip(model, pool, args, device, state):
+def train_clip(model, pool, codes, args, device, state):
     """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
-    clip, steps = model.clip, args.clip_steps
+    clip, steps, h = model.clip, args.clip_steps, model.config.grid_size
     opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.1)
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
     scenes, images_u8 = pool
+    # CLIP will rank decoded samples, so half of each batch is the dVAE's reconstructions: those of the first
+    # quarter of the pool, decoded once from their codes (decoding at every step costs more than CLIP itself)
+    n_rec, half = len(scenes) // 4, args.clip_batch // 2
+    with torch.no_grad():
+        recon = [model.vae.decode(codes[i:i + 256].view(-1, h, h).to(device)) for i in range(0, n_rec, 256)]
+        recon_u8 = (torch.cat(recon) * 255).round().byte().cpu()  # (n_rec, 3, H, W)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, args.clip_lr, args.clip_lr / 20)
         rng = random.Random(args.seed * 1000033 + step)
-        idx = rng.sample(range(len(scenes)), args.clip_batch)
+        # distinct scenes: reconstructions from the first quarter, renders from the rest
+        idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), args.clip_batch - half)
         text = model.tokenize([caption(*scenes[i], rng) for i in idx])
-        images = to_float(images_u8[idx], device)  # (B, 3, H, W)
-        # learn on the dVAE's reconstructions too, the kind of image it will rank (half the batch)
-        with torch.no_grad():
-            half = len(idx) // 2
-            images[:half] = model.vae.decode(model.vae.encode(images[:half]))
+        images = to_float(torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]]), device)  # (B, 3, H, W)
         loss = clip(text, images)
         check_finite(loss, "clip", step)
         opt.zero_grad(set_to_none=True)
@@ -464,15 +468,14 @@ def report(model, args, device, codes_pool):
     for group, prompts in eval_prompts(args.seed, args.eval_prompts).items():
         images, scores = model.generate(prompts, n=8, keep=8, seed=args.seed)  # (P, 8, 3, H, W), best first
         u8 = (images * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (P, 8, H, W, 3)
-        best, rand = [], []
-        for p, prompt in enumerate(prompts):
-            spec = parse(prompt)
-            best.append(judge(spec, u8[p, 0]))
-            rand.append(judge(spec, u8[p, random.Random(p).randrange(8)]))
-        results[group] = {k: (np.mean([b[k] for b in rand]), np.mean([b[k] for b in best])) for k in best[0]}
-        lines.append(f"{group:<12} ({len(prompts)} prompts): all attributes {results[group]['all'][0]:5.1%} random -> "
-                     f"{results[group]['all'][1]:5.1%} CLIP best of 8 | colour {results[group]['colour'][1]:5.1%} "
-                     f"shape {results[group]['shape'][1]:5.1%} (best of 8)")
+        verdicts = [[judge(parse(prompt), u8[p, j]) for j in range(8)] for p, prompt in enumerate(prompts)]
+        r = {k: np.array([[v[k] for v in row] for row in verdicts]) for k in verdicts[0][0]}  # (P, 8) each
+        # a random candidate: the mean over all 8 (its expectation); best: CLIP's first; any: the ceiling of reranking
+        results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
+        a = results[group]["all"]
+        lines.append(f"{group:<12} ({len(prompts)} prompts): all attributes {a[0]:5.1%} random -> {a[1]:5.1%} CLIP "
+                     f"best of 8 (any of 8: {a[2]:5.1%}) | best: colour {results[group]['colour'][1]:5.1%} "
+                     f"shape {results[group]['shape'][1]:5.1%}")
     return lines, results
 
 # -----------------------------------------------------------------------------
@@ -520,18 +523,18 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
     p.add_argument("--dvae-steps", type=int, default=2000, help="stage 1 updates")
     p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
-    p.add_argument("--clip-steps", type=int, default=200, help="stage 3 updates")
-    p.add_argument("--pool", type=int, default=12000, help="scenes rendered for training")
-    p.add_argument("--eval-prompts", type=int, default=24, help="report prompts per group")
+    p.add_argument("--clip-steps", type=int, default=350, help="stage 3 updates")
+    p.add_argument("--pool", type=int, default=8000, help="scenes rendered for training")
+    p.add_argument("--eval-prompts", type=int, default=48, help="report prompts per group")
     p.add_argument("--sample-every", type=int, default=200, help="prior steps between sample grids (0: never)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
     # what a student need not touch, but a tiny test run does
     p.add_argument("--dvae-batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--prior-batch", type=int, default=32, help=argparse.SUPPRESS)
-    p.add_argument("--clip-batch", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--clip-batch", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--dvae-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
-    p.add_argument("--prior-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
+    p.add_argument("--prior-lr", type=float, default=2e-3, help=argparse.SUPPRESS)
     p.add_argument("--clip-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--beta", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--logit-scale", type=float, default=3.0, help=argparse.SUPPRESS)
@@ -540,6 +543,8 @@ def parse_args(argv=None):
     for name in ("dvae_steps", "prior_steps", "clip_steps", "pool", "eval_prompts", "log_every"):
         if getattr(args, name) < (1 if name in ("pool", "log_every", "eval_prompts") else 0):
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.pool < 4 * max(args.dvae_batch, args.prior_batch, args.clip_batch):
+        p.error("--pool must hold at least 4 batches of scenes")
     return args
 
 
@@ -607,7 +612,7 @@ def main(argv=None):
             train_prior(model, pool, codes, args, device, state, prompts)
             save()
         if state["stage"] == "clip":
-            train_clip(model, pool, args, device, state)
+            train_clip(model, pool, codes, args, device, state)
             save()
     except KeyboardInterrupt:
         save()
