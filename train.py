@@ -271,6 +271,10 @@ def to_float(images_u8, device):
     return images_u8.to(device).float() / 255  # (B, 3, H, W) in [0, 1]
 
 
+def to_u8(images):
+    return (images * 255).round().byte().cpu()  # images in [0, 1] -> uint8 on the CPU, same shape
+
+
 def eval_prompts(seed, n_each):
     """Fixed prompts for the report: seen single objects, held-out pairs, two-object scenes."""
     rng = random.Random(seed + 1)
@@ -380,7 +384,7 @@ def train_clip(model, pool, codes, args, device, state):
     n_rec, half = len(scenes) // 4, args.clip_batch // 2
     with torch.no_grad():
         recon = [model.vae.decode(codes[i:i + 256].view(-1, h, h).to(device)) for i in range(0, n_rec, 256)]
-        recon_u8 = (torch.cat(recon) * 255).round().byte().cpu()  # (n_rec, 3, H, W)
+        recon_u8 = to_u8(torch.cat(recon))  # (n_rec, 3, H, W)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -452,7 +456,7 @@ def report(model, args, device, codes_pool):
     images = to_float(images_u8, device)
     codes = model.vae.encode(images)  # (n, h, w)
     recon = model.vae.decode(codes)  # (n, 3, H, W)
-    recon_u8 = (recon * 255).round().byte().cpu()
+    recon_u8 = to_u8(recon)
     used = codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
                  f"codebook usage {used}/{c.image_vocab_size} = {used / c.image_vocab_size:.0%} of K")
@@ -467,7 +471,7 @@ def report(model, args, device, codes_pool):
     results = {}
     for group, prompts in eval_prompts(args.seed, args.eval_prompts).items():
         images, scores = model.generate(prompts, n=8, keep=8, seed=args.seed)  # (P, 8, 3, H, W), best first
-        u8 = (images * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (P, 8, H, W, 3)
+        u8 = to_u8(images).permute(0, 1, 3, 4, 2).numpy()  # (P, 8, H, W, 3)
         verdicts = [[judge(parse(prompt), u8[p, j]) for j in range(8)] for p, prompt in enumerate(prompts)]
         r = {k: np.array([[v[k] for v in row] for row in verdicts]) for k in verdicts[0][0]}  # (P, 8) each
         # a random candidate: the mean over all 8 (its expectation); best: CLIP's first; any: the ceiling of reranking
