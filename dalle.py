@@ -614,14 +614,19 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature [3]
 
     def encode_text(self, text):
-        """text (B, T_txt) -> unit embeddings (B, C), read at the last non-pad token as CLIP reads its [EOS]."""
-        last = (text < self.config.text_vocab_size).sum(1).clamp(min=1) - 1  # (B,): pads follow the caption
-        text = text[:, :int(last.max()) + 1]  # the mask is causal: pads after the longest caption change nothing
+        """text (B, T_txt) -> unit embeddings (B, C): the mean of the caption's token states (pads left out)."""
+        n = (text < self.config.text_vocab_size).sum(1).clamp(min=1)  # (B,): caption lengths, pads follow
+        text = text[:, :int(n.max())]  # the mask is causal: pads after the longest caption change nothing
         B, T = text.shape
         x = self.wte(text) + self.wpe(torch.arange(T, device=text.device))  # (B, T, C)
         for block in self.h:
             x = block(x, self.causal[:T, :T])
-        x = self.ln_f(x[torch.arange(B, device=text.device), last])  # (B, C)
+        # DEVIATION: CLIP [3] reads the state at [EOS]; we average over the caption's tokens. A held-out caption
+        # ("a blue circle") is new text: read at its last token it looked like "circle" and CLIP picked circles
+        # of any colour. Same prior's candidates (T 0.7), CLIP retrained with 3 seeds, CLIP best of 8 right on held-out
+        # prompts: [EOS] 12.5 / 8.3 / 10.4%, mean 16.7 / 12.5 / 18.8%; seen 75 / 71 / 71% -> 77 / 77 / 77%.
+        keep = (torch.arange(T, device=text.device)[None] < n[:, None]).unsqueeze(-1)  # (B, T, 1)
+        x = self.ln_f((x * keep).sum(1) / n[:, None])  # (B, C)
         return F.normalize(self.text_proj(x), dim=-1)
 
     def encode_image(self, images):
@@ -658,6 +663,13 @@ def _brief(e):  # an exception as one short line, for one-line error messages
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
+# DEVIATION: DALLE.generate and sample.py draw at temperature 0.7 (paper: 1). A prior trained for minutes spreads
+# its bets too widely; at 1 its samples wander off the caption. One default checkpoint, 48 prompts a group, right on
+# all attributes (a random candidate / CLIP's best of 8 / any of 8), seen: T 1: 19 / 50 / 65%, T 0.7: 29 / 69 / 79%,
+# T 0.5: 36 / 71 / 79%; held-out any of 8: 19% at T 1, 23% at 0.7, 15% at 0.5, so 0.7.
+SAMPLE_TEMPERATURE = 0.7
+
+
 class DALLE(nn.Module):
     def __init__(self, config, tokenizer=None):
         super().__init__()
@@ -686,7 +698,8 @@ class DALLE(nn.Module):
         return self.vae.encode(images)[:, :rows].reshape(images.shape[0], rows * w)  # (B, rows * w)
 
     @torch.no_grad()
-    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None):
+    def generate(self, prompts, n=32, keep=4, temperature=SAMPLE_TEMPERATURE, top_k=None, seed=0,
+                 image_prompt=None):
         """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
 
         image_prompt: (P or 1, 3, H, W) images whose top rows every candidate keeps (Sec 3.3).
