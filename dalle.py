@@ -715,7 +715,7 @@ class DALLE(nn.Module):
             prompt = self.prompt_codes(image_prompt.to(device)).expand(P, -1).repeat_interleave(n, dim=0)
         generator = torch.Generator(device=device).manual_seed(seed)
         codes = self.transformer.generate(text, prompt, temperature, top_k, generator)  # (P*N, T_img)
-        images = torch.cat([self.vae.decode(c) for c in codes.view(-1, h, h).split(64)])  # (P*N, 3, H, W)
+        images = torch.cat([self.vae.decode(c) for c in codes.view(-1, h, h).split(32)])  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)
         images = images.view(P, n, 3, S, S)[torch.arange(P, device=device)[:, None], best]  # (P, keep, 3, H, W)

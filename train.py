@@ -383,7 +383,7 @@ def train_clip(model, pool, codes, args, device, state):
     # quarter of the pool, decoded once from their codes (decoding at every step costs more than CLIP itself)
     n_rec, half = len(scenes) // 4, args.clip_batch // 2
     with torch.no_grad():
-        recon = [model.vae.decode(codes[i:i + 64].view(-1, h, h).to(device)) for i in range(0, n_rec, 64)]
+        recon = [model.vae.decode(codes[i:i + 32].view(-1, h, h).to(device)) for i in range(0, n_rec, 32)]
         recon_u8 = to_u8(torch.cat(recon))  # (n_rec, 3, H, W)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
@@ -433,7 +433,7 @@ def write_samples(model, prompts, path, n=8, keep=4):
 
 
 @torch.no_grad()
-def encode_pool(model, images_u8, device, batch=64):  # on 2 CPU threads, batches of 64 run ~2x faster than 512
+def encode_pool(model, images_u8, device, batch=32):  # on 2 CPU threads, batches of 32 run ~2x faster than 512
     return torch.cat([model.vae.encode(to_float(images_u8[i:i + batch], device).contiguous(
         memory_format=torch.channels_last)).flatten(1).cpu() for i in range(0, len(images_u8), batch)])  # (n, T_img)
 
@@ -455,7 +455,7 @@ def report(model, args, device, codes_pool):
     images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in scenes])).permute(0, 3, 1, 2)
     images = to_float(images_u8, device)
     codes = model.vae.encode(images)  # (n, h, w)
-    recon = torch.cat([model.vae.decode(c) for c in codes.split(64)])  # (n, 3, H, W); CPUs like small batches
+    recon = torch.cat([model.vae.decode(c) for c in codes.split(32)])  # (n, 3, H, W); CPUs like small batches
     recon_u8 = to_u8(recon)
     used = codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
@@ -526,8 +526,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
     p.add_argument("--dvae-steps", type=int, default=2000, help="stage 1 updates")
-    p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
-    p.add_argument("--clip-steps", type=int, default=300, help="stage 3 updates")
+    p.add_argument("--prior-steps", type=int, default=1040, help="stage 2 updates")
+    p.add_argument("--clip-steps", type=int, default=350, help="stage 3 updates")
     p.add_argument("--pool", type=int, default=8000, help="scenes rendered for training")
     p.add_argument("--eval-prompts", type=int, default=48, help="report prompts per group")
     p.add_argument("--sample-every", type=int, default=200, help="prior steps between sample grids (0: never)")
