@@ -526,7 +526,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
     p.add_argument("--dvae-steps", type=int, default=2000, help="stage 1 updates")
-    p.add_argument("--prior-steps", type=int, default=1040, help="stage 2 updates")
+    p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
     p.add_argument("--clip-steps", type=int, default=350, help="stage 3 updates")
     p.add_argument("--pool", type=int, default=8000, help="scenes rendered for training")
     p.add_argument("--eval-prompts", type=int, default=48, help="report prompts per group")
