@@ -306,12 +306,15 @@ class DiscreteVAE(nn.Module):
         return stats[:, :3], stats[:, 3:]  # mu, ln b: (B, 3, H, W) each
 
     @torch.no_grad()
-    def decode(self, codes):
-        """codes (B, h, w) long -> images (B, 3, H, W) in [0, 1]."""
-        K = self.config.image_vocab_size
-        one_hot = F.one_hot(codes, K).permute(0, 3, 1, 2).float()  # (B, K, h, w)
-        mu, _ = self.decode_soft(one_hot)
-        return unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
+    def decode(self, codes, batch=32):
+        """codes (B, h, w) long -> images (B, 3, H, W) in [0, 1], `batch` at a time: the one-hot input is
+        K floats per cell, and on a CPU big batches run at half the speed (their activations leave the caches)."""
+        K, images = self.config.image_vocab_size, []
+        for c in codes.split(batch):  # (b, h, w)
+            one_hot = F.one_hot(c, K).permute(0, 3, 1, 2).float()  # (b, K, h, w)
+            mu, _ = self.decode_soft(one_hot)
+            images.append(unmap_pixels(torch.sigmoid(mu)))  # (b, 3, H, W)
+        return torch.cat(images)  # (B, 3, H, W)
 
     def forward(self, images, tau, beta, generator=None, recon_loss="logit-laplace"):
         """The negative ELB of App. A, divided by H*W*3. Returns (reconstructions, loss, stats).
@@ -623,8 +626,8 @@ class CLIP(nn.Module):
             x = block(x, self.causal[:T, :T])
         # DEVIATION: CLIP [3] reads the state at [EOS]; we average over the caption's tokens. A held-out caption
         # ("a blue circle") is new text: read at its last token it looked like "circle" and CLIP picked circles
-        # of any colour. Same prior's candidates (T 0.7), CLIP retrained with 3 seeds, CLIP best of 8 right on held-out
-        # prompts: [EOS] 12.5 / 8.3 / 10.4%, mean 16.7 / 12.5 / 18.8%; seen 75 / 71 / 71% -> 77 / 77 / 77%.
+        # of any colour. Same prior's candidates (T 0.7), CLIP retrained with 3 seeds, CLIP best of 8 right on
+        # held-out prompts: [EOS] 12.5 / 8.3 / 10.4%, mean 16.7 / 12.5 / 18.8%; seen 75 / 71 / 71% -> 77 / 77 / 77%.
         keep = (torch.arange(T, device=text.device)[None] < n[:, None]).unsqueeze(-1)  # (B, T, 1)
         x = self.ln_f((x * keep).sum(1) / n[:, None])  # (B, C)
         return F.normalize(self.text_proj(x), dim=-1)
@@ -663,10 +666,10 @@ def _brief(e):  # an exception as one short line, for one-line error messages
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
-# DEVIATION: DALLE.generate and sample.py draw at temperature 0.7 (paper: 1). A prior trained for minutes spreads
-# its bets too widely; at 1 its samples wander off the caption. One default checkpoint, 48 prompts a group, right on
-# all attributes (a random candidate / CLIP's best of 8 / any of 8), seen: T 1: 19 / 50 / 65%, T 0.7: 29 / 69 / 79%,
-# T 0.5: 36 / 71 / 79%; held-out any of 8: 19% at T 1, 23% at 0.7, 15% at 0.5, so 0.7.
+# DEVIATION: DALLE.generate and sample.py draw at temperature 0.7 (paper: 1, Sec 2.6). A prior trained for minutes
+# spreads its bets too widely; at 1 its samples wander off the caption. One default checkpoint, 48 prompts a group,
+# right on all attributes (a random candidate / CLIP's best of 8 / any of 8), seen: T 1: 19 / 50 / 65%,
+# T 0.7: 29 / 69 / 79%, T 0.5: 36 / 71 / 79%; held-out any of 8: 19% at T 1, 23% at 0.7, 15% at 0.5, so 0.7.
 SAMPLE_TEMPERATURE = 0.7
 
 
@@ -715,7 +718,7 @@ class DALLE(nn.Module):
             prompt = self.prompt_codes(image_prompt.to(device)).expand(P, -1).repeat_interleave(n, dim=0)
         generator = torch.Generator(device=device).manual_seed(seed)
         codes = self.transformer.generate(text, prompt, temperature, top_k, generator)  # (P*N, T_img)
-        images = torch.cat([self.vae.decode(c) for c in codes.view(-1, h, h).split(32)])  # (P*N, 3, H, W)
+        images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)
         images = images.view(P, n, 3, S, S)[torch.arange(P, device=device)[:, None], best]  # (P, keep, 3, H, W)

@@ -382,9 +382,7 @@ def train_clip(model, pool, codes, args, device, state):
     # CLIP will rank decoded samples, so half of each batch is the dVAE's reconstructions: those of the first
     # quarter of the pool, decoded once from their codes (decoding at every step costs more than CLIP itself)
     n_rec, half = len(scenes) // 4, args.clip_batch // 2
-    with torch.no_grad():
-        recon = [model.vae.decode(codes[i:i + 32].view(-1, h, h).to(device)) for i in range(0, n_rec, 32)]
-        recon_u8 = to_u8(torch.cat(recon))  # (n_rec, 3, H, W)
+    recon_u8 = to_u8(model.vae.decode(codes[:n_rec].view(-1, h, h).to(device)))  # (n_rec, 3, H, W)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -455,7 +453,7 @@ def report(model, args, device, codes_pool):
     images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in scenes])).permute(0, 3, 1, 2)
     images = to_float(images_u8, device)
     codes = model.vae.encode(images)  # (n, h, w)
-    recon = torch.cat([model.vae.decode(c) for c in codes.split(32)])  # (n, 3, H, W); CPUs like small batches
+    recon = model.vae.decode(codes)  # (n, 3, H, W)
     recon_u8 = to_u8(recon)
     used = codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
