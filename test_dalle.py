@@ -535,9 +535,20 @@ def test_checker_rejects_what_the_caption_does_not_say():
     assert not train.judge(train.parse("a green triangle"), np.zeros((64, 64, 3), np.uint8))["all"]
 
 
-TINY_RUN = ["--dvae-steps", "3", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64", "--eval-prompts", "2",
+TINY_RUN = ["--dvae-steps", "6", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64", "--eval-prompts", "2",
             "--sample-every", "0", "--log-every", "1", "--dvae-batch", "4", "--prior-batch", "4", "--clip-batch", "4",
             "--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,clip_embd=16,clip_head=2"]
+
+
+def test_dvae_last_sixth_trains_the_decoder_alone():
+    args = train.parse_args(TINY_RUN + ["--dvae-steps", "12"])
+    pool = train.make_pool(args.pool, args.seed)
+    model = train.build_model(args, pool)
+    encoder = {k: v.clone() for k, v in model.vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in model.vae.decoder.state_dict().items()}
+    train.train_dvae(model, pool, args, torch.device("cpu"), {"step": 10})  # 12 - 12 // 6: the decoder's two
+    assert all(torch.equal(v, model.vae.encoder.state_dict()[k]) for k, v in encoder.items())  # codes unchanged
+    assert not all(torch.equal(v, model.vae.decoder.state_dict()[k]) for k, v in decoder.items())
 
 
 @pytest.fixture(scope="module")
