@@ -545,7 +545,7 @@ def parse_args(argv=None):
     p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
     p.add_argument("--clip-steps", type=int, default=350, help="stage 3 updates")
     p.add_argument("--pool", type=int, default=8000, help="scenes rendered for training")
-    p.add_argument("--eval-prompts", type=int, default=48, help="report prompts per group")
+    p.add_argument("--eval-prompts", type=int, default=96, help="report prompts per group")
     p.add_argument("--sample-every", type=int, default=200, help="prior steps between sample grids (0: never)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
