@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from dalle import SAMPLE_TEMPERATURE, DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
+from dalle import DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
 
 
 def die(message, code=1):
@@ -27,8 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples.png", help="the picture to write (default samples.png)")
     p.add_argument("--n", type=int, default=32, help="candidates drawn per prompt (paper: 512; default 32)")
     p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, ranked by CLIP (default 4)")
-    p.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE,
-                   help=f"sampling temperature (default {SAMPLE_TEMPERATURE}; paper: 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1, the paper's)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (paper: off)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")

@@ -120,6 +120,19 @@ def test_dvae_shapes_paper_on_meta_device():
     assert abs(dalle.n_params(vae.encoder) - 53.8e6) < 0.1e6 and abs(dalle.n_params(vae.decoder) - 43.8e6) < 0.1e6
 
 
+def test_dvae_gives_blank_cells_one_code_once_it_is_set():
+    vae = DiscreteVAE(TINY).eval()  # 32 px, a 4x4 grid of 8x8 cells
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, 3:12, 3:12] = torch.rand(3, 9, 9) + 0.1  # touches cells (0, 0), (0, 1), (1, 0), (1, 1) of image 0
+    argmax = vae.logits(images).argmax(1)
+    assert torch.equal(vae.encode(images), argmax)  # -1: plain argmax, as in the paper
+    vae.blank_code.fill_(5)
+    codes = vae.encode(images)
+    drawn = torch.zeros(2, 4, 4, dtype=torch.bool)
+    drawn[0, :2, :2] = True
+    assert torch.equal(codes[drawn], argmax[drawn]) and (codes[~drawn] == 5).all()
+
+
 def test_dvae_rejects_wrong_image_shapes():
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
         DiscreteVAE(TINY).encode(torch.rand(1, 3, 64, 64))
@@ -174,6 +187,8 @@ def _openai_keys(vae):
     """Our state_dict keys in openai/DALL-E's naming, by the table in load_openai_dvae's docstring."""
     enc, dec = {}, {}
     for k, v in vae.state_dict().items():
+        if k == "blank_code":  # ours alone: openai's encoder gives plain argmax codes
+            continue
         part, rest = k.split(".", 1)
         stem, leaf = rest.rsplit(".", 1)
         (enc if part == "encoder" else dec)["blocks." + stem + {"weight": ".w", "bias": ".b"}[leaf]] = v
