@@ -477,7 +477,8 @@ def report(model, args, device, codes_pool):
     recon_u8 = to_u8(recon)
     used = codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
-                 f"codebook usage {used}/{c.image_vocab_size} = {used / c.image_vocab_size:.0%} of K")
+                 f"codebook usage {used}/{c.image_vocab_size} = {used / c.image_vocab_size:.0%} of K "
+                 f"(blank cells all get code {model.vae.blank_code.item()})")
     lines.append(f"checker on clean renders: {checker_accuracy(scenes[:256], images_u8[:256]):.1%} seen, "
                  f"{checker_accuracy(scenes[256:], images_u8[256:]):.1%} held-out; on dVAE reconstructions: "
                  f"{checker_accuracy(scenes[:256], recon_u8[:256]):.1%} seen, "
