@@ -312,10 +312,11 @@ class DiscreteVAE(nn.Module):
         return codes
 
     def blank_cells(self, images):
-        """images (B, 3, H, W) -> (B, h, w) bool: the cells whose pixels are all black."""
+        """images (B, 3, H, W) -> (B, h, w) bool: the cells whose pixels are all black (below 0.1, so that the
+        faint ringing of a resized image prompt still counts as black)."""
         B, _, H, W = images.shape
         h = w = self.config.grid_size
-        return images.view(B, 3, h, H // h, w, W // w).amax(dim=(1, 3, 5)) == 0
+        return images.reshape(B, 3, h, H // h, w, W // w).amax(dim=(1, 3, 5)) < 0.1
 
     def decode_soft(self, one_hot):
         stats = self.decoder(one_hot)  # (B, 6, H, W)
@@ -678,8 +679,8 @@ class CheckpointError(Exception):
 
 
 def _brief(e):  # an exception as one short line, for one-line error messages
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    text = " ".join(str(e).split())  # one line, whatever the exception's layout
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
 class DALLE(nn.Module):

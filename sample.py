@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 from dalle import DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
@@ -51,7 +52,7 @@ def load_image_prompt(path, size):
             img = img.convert("RGB").resize((size, size), Image.BICUBIC)
     except (OSError, UnidentifiedImageError) as e:
         die(f"cannot read the image prompt {path}: {e}")
-    return torch.tensor(list(img.getdata()), dtype=torch.float32).view(1, size, size, 3).permute(0, 3, 1, 2) / 255
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 255  # (1, 3, S, S)
 
 
 def main(argv=None):

@@ -124,6 +124,7 @@ def test_dvae_gives_blank_cells_one_code_once_it_is_set():
     vae = DiscreteVAE(TINY).eval()  # 32 px, a 4x4 grid of 8x8 cells
     images = torch.zeros(2, 3, 32, 32)
     images[0, :, 3:12, 3:12] = torch.rand(3, 9, 9) + 0.1  # touches cells (0, 0), (0, 1), (1, 0), (1, 1) of image 0
+    images[1, :, 20:23, 20:23] = 0.05  # faint, as a resized prompt's ringing: still blank
     argmax = vae.logits(images).argmax(1)
     assert torch.equal(vae.encode(images), argmax)  # -1: plain argmax, as in the paper
     vae.blank_code.fill_(5)
