@@ -286,12 +286,12 @@ class DiscreteVAE(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=1 / math.sqrt(m.weight[0].numel()))
                 nn.init.zeros_(m.bias)
-        # DEVIATION, for worlds drawn on an empty black background (train.py's): the one code that encode() gives
-        # every all-black cell; -1: none, plain argmax (the paper). A blank cell carries nothing, so q is flat there
-        # and its argmax is whichever code what the encoder sees around the cell favours: on the Shapes world blank
-        # cells got 193 different codes (167 used nowhere else), and guessing them took 89% of the prior's image
-        # loss. With one code (default run, report): the prior's image loss 0.41 -> 0.12 nats, two-object scenes
-        # right in CLIP's best of 8 15% -> 22% (any of 8: 18% -> 31%), seen objects 78% -> 83%.
+        # DEVIATION: for worlds drawn on an empty black background (train.py's), the one code that encode() gives
+        # every all-black cell; -1: none, plain argmax codes as in Sec 2.2. A blank cell carries nothing, so q is flat
+        # there and its argmax is whichever code what the encoder sees around the cell favours: on the Shapes world
+        # blank cells got 193 different codes (167 used nowhere else), and guessing them took 89% of the prior's
+        # image loss. With one code (default run, report): the prior's image loss 0.41 -> 0.12 nats, two-object
+        # scenes right in CLIP's best of 8 15% -> 22% (any of 8: 18% -> 31%), seen objects 78% -> 83%.
         self.register_buffer("blank_code", torch.tensor(-1))
 
     def _check_images(self, images):
@@ -711,8 +711,7 @@ class DALLE(nn.Module):
         return self.vae.encode(images)[:, :rows].reshape(images.shape[0], rows * w)  # (B, rows * w)
 
     @torch.no_grad()
-    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0,
-                 image_prompt=None):
+    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None):
         """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
 
         image_prompt: (P or 1, 3, H, W) images whose top rows every candidate keeps (Sec 3.3).

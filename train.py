@@ -332,10 +332,11 @@ def train_dvae(model, pool, args, device, state):
             # 8 right on 144 seen prompts 67% -> 81%. Probes: lr 1e-4, or a cosine from 3e-4 or 1e-3, did worse; the
             # paper's own cure, tau held at 1/16 after 5% of the updates, left 18% of reconstructions right this short.
             lr, knobs = 0.3 * args.dvae_lr, "decoder on argmax codes"
-            blank = vae.blank_cells(fixed)  # (64, h, w)
-            if vae.blank_code < 0 and blank.any():  # blank cells get the code the encoder gives them most (dalle.py)
-                with torch.no_grad():
-                    vae.blank_code.fill_(vae.logits(fixed).argmax(1)[blank].mode().values)
+            if vae.blank_code < 0:  # once: blank cells get the code the encoder gives them most (dalle.py)
+                blank = vae.blank_cells(fixed)  # (64, h, w)
+                if blank.any():
+                    with torch.no_grad():
+                        vae.blank_code.fill_(vae.logits(fixed).argmax(1)[blank].mode().values)
             with torch.no_grad():
                 one_hot = F.one_hot(vae.encode(images), K).permute(0, 3, 1, 2).float()  # (B, K, h, w)
             mu, _ = vae.decode_soft(one_hot)  # (B, 3, H, W)
