@@ -488,13 +488,37 @@ def test_importing_dalle_has_no_side_effects(tmp_path):
 train = pytest.importorskip("train")
 
 
-def test_world_never_renders_a_held_out_pair():
-    rng = random.Random(0)
-    for _ in range(3000):
-        objects, _ = train.random_scene(rng)
-        assert all((o.colour, o.shape) not in train.HELD_OUT for o in objects)
-    held = [train.random_scene(rng, held_out=True)[0][0] for _ in range(200)]
-    assert {(o.colour, o.shape) for o in held} == train.HELD_OUT
+def test_world_never_renders_a_held_out_kind():
+    rng, seen_pairs, places = random.Random(0), set(), set()
+    for objects, _ in [train.random_scene(rng) for _ in range(20000)] + train.make_pool(500, 1)[0]:  # every stage's
+        kinds = [(o.colour, o.shape) for o in objects]
+        assert not set(kinds) & train.HELD_OUT  # 1. colour-shape pairs
+        if len(kinds) == 2:  # 2. pairs never together, in either order
+            assert tuple(kinds) not in train.NEW_PAIRS and tuple(kinds[::-1]) not in train.NEW_PAIRS
+            seen_pairs.add(frozenset(kinds))
+        for kind, o in zip(kinds, objects):  # 3. places never visited, by the object's centre, at any size
+            assert train.NEW_PLACES.get(kind) not in train.true_positions(o)
+            places.update((kind, p) for p in train.true_positions(o))
+    # the kinds are held out, not their parts: each held-out pair's objects and each object's other places occur
+    assert all(kind in dict.fromkeys(k for p in seen_pairs for k in p) for pair in train.NEW_PAIRS for kind in pair)
+    assert all((kind, p) in places for kind, where in train.NEW_PLACES.items() for p in train.POSITIONS if p != where)
+
+
+def test_report_groups_test_what_they_say():
+    rng = random.Random(1)
+    for _ in range(50):
+        for group in train.REPORT_GROUPS:
+            objects, relation, where = train.report_scene(rng, group)
+            kinds = [(o.colour, o.shape) for o in objects]
+            assert train.in_training(objects) == group.startswith("seen"), group
+            assert (relation is not None) == group.endswith("pairs"), group
+            if group == "new places":
+                assert where == train.NEW_PLACES[kinds[0]] and where in train.true_positions(objects[0], margin=2)
+                assert where in train.parse(train.caption(objects, relation, rng, where))["position"]
+            if group == "new pairs":
+                assert tuple(kinds) in train.NEW_PAIRS or tuple(kinds[::-1]) in train.NEW_PAIRS
+            if group.startswith("held-out"):
+                assert len(set(kinds) & train.HELD_OUT) == 1
 
 
 def test_world_renders_exact_colours_on_black():
@@ -531,9 +555,9 @@ def test_captions_parse_back_to_their_scenes():
 
 def test_checker_is_right_on_clean_renders():
     rng = random.Random(3)
-    scenes = [train.random_scene(rng) for _ in range(300)] + [train.random_scene(rng, True) for _ in range(100)]
-    for objects, relation in scenes:
-        assert train.judge(train.parse(train.caption(objects, relation, rng)), train.render(objects))["all"]
+    scenes = [train.report_scene(rng, group) for group in train.REPORT_GROUPS for _ in range(60)]
+    for objects, relation, where in scenes:
+        assert train.judge(train.parse(train.caption(objects, relation, rng, where)), train.render(objects))["all"]
 
 
 def test_checker_rejects_what_the_caption_does_not_say():

@@ -34,8 +34,19 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 14, "large": 28}  # bounding box in pixels
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+# World v2 (SHAPES.md): three kinds of zero-shot test, none ever rendered in any training scene of any stage
 HELD_OUT = {("red", "triangle"), ("green", "square"), ("blue", "circle"), ("yellow", "diamond"),
-            ("purple", "circle"), ("orange", "triangle"), ("cyan", "square"), ("white", "diamond")}
+            ("purple", "circle"), ("orange", "triangle"), ("cyan", "square"), ("white", "diamond")}  # 1. new pairs
+NEW_PAIRS = [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("yellow", "circle")),
+             (("purple", "square"), ("orange", "diamond")), (("cyan", "triangle"), ("white", "circle")),
+             (("yellow", "square"), ("red", "diamond")), (("blue", "triangle"), ("green", "circle")),
+             (("orange", "square"), ("cyan", "diamond")), (("white", "triangle"), ("purple", "diamond")),
+             (("red", "square"), ("cyan", "circle")), (("green", "diamond"), ("white", "square")),
+             (("blue", "diamond"), ("orange", "circle")), (("yellow", "triangle"), ("purple", "triangle"))]  # 2.
+NEW_PLACES = {("green", "circle"): "at the top", ("red", "square"): "on the left", ("yellow", "triangle"): "on the right",
+              ("blue", "diamond"): "at the bottom", ("purple", "square"): "in the center",
+              ("orange", "circle"): "on the left", ("cyan", "triangle"): "at the top",
+              ("white", "circle"): "on the right"}  # 3. an object and the region its centre never visits
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 SEEN_PAIRS = [p for p in PAIRS if p not in HELD_OUT]
 SIZE = 64
@@ -81,22 +92,67 @@ def lattice(rng, size):
     return LATTICE * rng.randint(lo, hi)
 
 
-def random_scene(rng, held_out=False):
-    """One scene: a list of 1 or 2 objects, and the relation between them (or None). held_out=True draws
-    single objects whose colour-shape pair is one of HELD_OUT; otherwise no held-out pair ever appears."""
-    pairs = sorted(HELD_OUT) if held_out else SEEN_PAIRS
-    if held_out or rng.random() < 0.5:
-        colour, shape = rng.choice(pairs)
-        size = SIZES[rng.choice(list(SIZES))]
-        return [Obj(colour, shape, size, lattice(rng, size), lattice(rng, size))], None
-    (c1, s1), (c2, s2) = rng.sample(pairs, 2)
+def in_training(objects):
+    """Whether a scene may be rendered for training: it shows none of the three held-out kinds (world v2)."""
+    kinds = [(o.colour, o.shape) for o in objects]
+    return (not any(k in HELD_OUT for k in kinds)
+            and not (len(kinds) == 2 and (tuple(kinds) in NEW_PAIRS or tuple(kinds[::-1]) in NEW_PAIRS))
+            and not any(NEW_PLACES.get(k) in true_positions(o) for k, o in zip(kinds, objects)))
+
+
+def place_one(rng, kind, size=None):
+    """One object of kind (colour, shape) at a random lattice point, of the given size (default: either)."""
+    size = size or SIZES[rng.choice(list(SIZES))]
+    return Obj(*kind, size, lattice(rng, size), lattice(rng, size))
+
+
+def place_two(rng, first, second):
+    """Two small objects with a random relation between them: no overlap (a 2 px gap), the relation by MARGIN."""
     relation = rng.choice(RELATIONS)
-    while True:  # rejection: no overlap (a 2 px gap) and the relation holds by MARGIN
-        a, b = (Obj(c, s, SIZES["small"], lattice(rng, SIZES["small"]), lattice(rng, SIZES["small"]))
-                for c, s in ((c1, s1), (c2, s2)))
+    while True:
+        a, b = place_one(rng, first, SIZES["small"]), place_one(rng, second, SIZES["small"])
         apart = max(abs(a.cx - b.cx) - (a.size + b.size) / 2, abs(a.cy - b.cy) - (a.size + b.size) / 2) >= 2
         if apart and relation_holds(a, b, relation):
             return [a, b], relation
+
+
+def random_scene(rng):
+    """A training scene: a list of 1 or 2 objects and the relation between them (or None), half of each, drawn
+    again until it shows none of the held-out kinds."""
+    while True:
+        if rng.random() < 0.5:
+            objects, relation = [place_one(rng, rng.choice(SEEN_PAIRS))], None
+        else:
+            objects, relation = place_two(rng, *rng.sample(SEEN_PAIRS, 2))
+        if in_training(objects):
+            return objects, relation
+
+
+REPORT_GROUPS = ("seen objects", "new places", "seen pairs", "new pairs", "held-out objects", "held-out in pairs")
+
+
+def report_scene(rng, kind):
+    """A scene of one report group (REPORT_GROUPS) -> (objects, relation, position phrase to say or None)."""
+    if kind in ("seen objects", "seen pairs"):
+        while True:
+            objects, relation = random_scene(rng)
+            if (relation is None) == (kind == "seen objects"):
+                return objects, relation, None
+    if kind == "new places":  # the object inside the region it never visits in training
+        (colour, shape), where = rng.choice(sorted(NEW_PLACES.items()))
+        while True:
+            obj = place_one(rng, (colour, shape))
+            if where in true_positions(obj, margin=2):
+                return [obj], None, where
+    if kind == "new pairs":
+        return (*place_two(rng, *rng.sample(rng.choice(NEW_PAIRS), 2)), None)
+    if kind == "held-out objects":
+        return [place_one(rng, rng.choice(sorted(HELD_OUT)))], None, None
+    if kind == "held-out in pairs":  # one held-out object beside a seen one, in either order
+        pair = [rng.choice(sorted(HELD_OUT)), rng.choice(SEEN_PAIRS)]
+        rng.shuffle(pair)
+        return (*place_two(rng, *pair), None)
+    raise ValueError(f"unknown test kind {kind!r}, expected one of {REPORT_GROUPS}")
 
 
 def draw_shape(draw, shape, box, fill):
@@ -128,8 +184,9 @@ def _noun(colour, shape, size=None):
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption(objects, relation, rng):
-    """A random true paraphrase of a scene: size and position words are each said or left out."""
+def caption(objects, relation, rng, where=None):
+    """A random true paraphrase of a scene: size and position words are each said or left out (the position
+    phrase `where` is always said, if given)."""
     if relation is not None:
         a, b = objects
         core = f"{_noun(a.colour, a.shape)} {relation} {_noun(b.colour, b.shape)}"
@@ -140,7 +197,8 @@ def caption(objects, relation, rng):
     o = objects[0]
     size = size_word(o.size) if rng.random() < 0.5 else None
     phrases = true_positions(o, margin=2)
-    where = rng.choice(phrases) if phrases and rng.random() < 0.5 else None
+    if where is None and phrases and rng.random() < 0.5:
+        where = rng.choice(phrases)
     tail = f" {where}" if where else ""
     form = rng.randrange(5)
     if form == 1:
@@ -277,18 +335,14 @@ def to_u8(images):
 
 
 def eval_prompts(seed, n_each):
-    """Fixed prompts for the report: seen single objects, held-out pairs, two-object scenes."""
+    """Fixed prompts for the report: n_each per group of REPORT_GROUPS, in the whole caption grammar."""
     rng = random.Random(seed + 1)
-    singles, held = [], []
-    for prompts, pairs in ((singles, SEEN_PAIRS), (held, sorted(HELD_OUT))):
-        for i in range(n_each):
-            colour, shape = pairs[i % len(pairs)] if prompts is held else rng.choice(pairs)
-            size = rng.choice([None, "small", "large"])
-            where = rng.choice([None, None] + list(POSITIONS))
-            prompts.append(_noun(colour, shape, size) + (f" {where}" if where else ""))
-    twos = [caption(*random_scene(rng), rng) for _ in range(4 * n_each)]
-    twos = [t for t in twos if parse(t)["relation"]][:n_each]
-    return {"seen": singles, "held-out": held, "two objects": twos}
+    prompts = {group: [] for group in REPORT_GROUPS}
+    for group in REPORT_GROUPS:
+        for _ in range(n_each):
+            objects, relation, where = report_scene(rng, group)
+            prompts[group].append(caption(objects, relation, rng, where))
+    return prompts
 
 
 def fmt_time(s):
@@ -458,12 +512,17 @@ def encode_pool(model, images_u8, device, batch=32):  # on 2 CPU threads, batche
         memory_format=torch.channels_last)).flatten(1).cpu() for i in range(0, len(images_u8), batch)])  # (n, T_img)
 
 
-def checker_accuracy(scenes, images_u8):
-    """How often the checker reads a scene's exact caption back from its pixels (all attributes)."""
-    rng, ok = random.Random(0), 0
-    for (objs, rel), img in zip(scenes, images_u8):
-        ok += judge(parse(caption(objs, rel, rng)), img.permute(1, 2, 0).numpy())["all"]
-    return ok / len(scenes)
+def checker_right(scenes, images_u8):
+    """Whether the checker reads each scene's caption back from its pixels (all attributes) -> list of bools."""
+    rng = random.Random(0)
+    return [judge(parse(caption(objs, rel, rng)), img.permute(1, 2, 0).numpy())["all"]
+            for (objs, rel), img in zip(scenes, images_u8)]
+
+
+def by_size(scenes, right):
+    """The share right among large and among small single objects -> 'large x% small y%'."""
+    right, large = np.asarray(right), np.array([len(o) == 1 and o[0].size > SIZES["small"] for o, _ in scenes])
+    return f"large {right[large].mean():.0%} small {right[~large].mean():.0%}"
 
 
 @torch.no_grad()
@@ -471,8 +530,9 @@ def report(model, args, device, codes_pool):
     model.eval()
     c, lines = model.config, []
     rng = random.Random(args.seed + 7)
-    scenes = [random_scene(rng) for _ in range(256)] + [random_scene(rng, held_out=True) for _ in range(128)]
-    images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in scenes])).permute(0, 3, 1, 2)
+    scenes = {g: [report_scene(rng, g)[:2] for _ in range(128)] for g in REPORT_GROUPS}  # for the dVAE and checker
+    all_scenes = sum(scenes.values(), [])
+    images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in all_scenes])).permute(0, 3, 1, 2)
     images = to_float(images_u8, device)
     codes = model.vae.encode(images)  # (n, h, w)
     recon = model.vae.decode(codes)  # (n, 3, H, W)
@@ -481,27 +541,35 @@ def report(model, args, device, codes_pool):
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
                  f"codebook usage {used}/{c.image_vocab_size} = {used / c.image_vocab_size:.0%} of K "
                  f"(blank cells all get code {model.vae.blank_code.item()})")
-    lines.append(f"checker on clean renders: {checker_accuracy(scenes[:256], images_u8[:256]):.1%} seen, "
-                 f"{checker_accuracy(scenes[256:], images_u8[256:]):.1%} held-out; on dVAE reconstructions: "
-                 f"{checker_accuracy(scenes[:256], recon_u8[:256]):.1%} seen, "
-                 f"{checker_accuracy(scenes[256:], recon_u8[256:]):.1%} held-out")
-    text = model.tokenize([caption(o, r, rng) for o, r in scenes[:256]])
-    _, losses = model.transformer(text, codes[:256].flatten(1))
-    lines.append(f"transformer loss: {losses['text'].item():.3f} nats per text token (pads included), "
+    right = {"clean": checker_right(all_scenes, images_u8), "recon": checker_right(all_scenes, recon_u8)}
+    lines.append(f"checker on {len(all_scenes)} clean renders: {np.mean(right['clean']):.1%} right; on their dVAE "
+                 f"reconstructions (128 scenes a group):")
+    for i, (group, group_scenes) in enumerate(scenes.items()):
+        ok = right["recon"][128 * i:128 * (i + 1)]
+        sizes = f" ({by_size(group_scenes, ok)})" if group_scenes[0][1] is None else ""
+        lines.append(f"  {group:<18} {np.mean(ok):5.1%}{sizes}")
+    text = model.tokenize([caption(o, r, rng) for o, r in scenes["seen objects"] + scenes["seen pairs"]])
+    _, losses = model.transformer(text, torch.cat([codes[:128], codes[256:384]]).flatten(1))  # the same scenes
+    lines.append(f"transformer loss on seen scenes: {losses['text'].item():.3f} nats per text token (pads included), "
                  f"{losses['image'].item():.3f} nats per image token (ln K = {math.log(c.image_vocab_size):.2f})")
+    lines.append("samples (8 a prompt): right = every object and attribute the caption names, nothing else; random = "
+                 "mean of the 8, best = CLIP's pick, any = a right one among the 8")
     results = {}
     for group, prompts in eval_prompts(args.seed, args.eval_prompts).items():
         images, scores = model.generate(prompts, n=8, keep=8, seed=args.seed)  # (P, 8, 3, H, W), best first
         u8 = to_u8(images).permute(0, 1, 3, 4, 2).numpy()  # (P, 8, H, W, 3)
         verdicts = [[judge(parse(prompt), u8[p, j]) for j in range(8)] for p, prompt in enumerate(prompts)]
         r = {k: np.array([[v[k] for v in row] for row in verdicts]) for k in verdicts[0][0]}  # (P, 8) each
-        # a random candidate: the mean over all 8 (its expectation); best: CLIP's first; any: the ceiling of reranking
         results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
         a = results[group]["all"]
-        lines.append(f"{group:<12} ({len(prompts)} prompts): all attributes {a[0]:5.1%} random -> {a[1]:5.1%} CLIP "
-                     f"best of 8 (any of 8: {a[2]:5.1%}) | best: colour {results[group]['colour'][1]:5.1%} "
-                     f"shape {results[group]['shape'][1]:5.1%}")
+        line = (f"  {group:<18} ({len(prompts)} prompts) random {a[0]:5.1%} | best {a[1]:5.1%} | any {a[2]:5.1%} || "
+                f"best: colour {results[group]['colour'][1]:5.1%} shape {results[group]['shape'][1]:5.1%}")
+        large = np.array([parse(p)["objects"][0].get("size") == "large" for p in prompts])
+        if not parse(prompts[0])["relation"] and large.any():
+            line += f" | asked large {r['all'][large, 0].mean():5.1%}"
+        lines.append(line)
     return lines, results
+
 
 # -----------------------------------------------------------------------------
 
@@ -623,8 +691,9 @@ def main(argv=None):
           f"{sum(p.numel() for p in model.clip.parameters()) / 1e6:.2f}M params | {c.image_size}px -> "
           f"{c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} tokens "
           f"(BPE vocab {len(model.tokenizer.vocab)})")
-    prompts = ["a red circle", "a large blue square on the left", "a green triangle above a yellow circle",
-               "a red triangle", "a blue circle", "a white diamond"]  # the last three are held out
+    prompts = ["a large yellow square on the left", "a green triangle above a red square",  # seen
+               "a green circle at the top", "a red circle above a blue square",  # a new place, a new pair
+               "a red triangle", "a blue circle to the left of a white square"]  # held-out colour-shape pairs
 
     def save():
         model.save(ckpt_path, step=state["step"], stage=state["stage"], opt=state.get("opt"))
