@@ -575,23 +575,35 @@ class Transformer(nn.Module):
         return F.linear(x, self.lm_head.weight[self.n_text_ids:])
 
     @torch.no_grad()
-    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True):
+    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True, guidance=1.0):
         """text (B, T_txt), prompt (B, m) codes of the first m cells or None -> codes (B, T_img).
 
+        guidance s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), where uncond reads the
+        empty caption (every slot its pad); s = 1 is the paper's sampling, and runs no second half.
         use_cache=False recomputes the whole prefix at every step: the slow path the cache must equal."""
         self.check_inputs(text, prompt)
         B, T_img, T_txt = text.shape[0], self.config.image_seq_len, self.config.text_seq_len
         codes = text.new_zeros(B, 0) if prompt is None else prompt  # (B, m)
+        # DEVIATION: classifier-free guidance is not in the paper (which samples at s = 1); a prior trained with some
+        # captions left empty can sharpen its pull towards the caption with s > 1 (README: Deviations)
+        halves = 1 if guidance == 1 else 2
+        if halves == 2:  # rows B..2B-1 are the same images, captioned with nothing
+            empty = self.config.text_vocab_size + torch.arange(T_txt, device=text.device)  # (T_txt,): the pads
+            text = torch.cat([text, empty.expand(B, T_txt)])  # (2B, T_txt)
         caches = None
         if use_cache:
             C, nh, T = self.config.n_embd, self.config.n_head, self.config.block_size
-            caches = [torch.empty(2, B, nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
-                      for _ in self.h]  # keys and values: (2, B, nh, T, hs) per layer
-        x = torch.cat([self.embed_text(text), self.embed_image(codes)], dim=1)  # (B, T_txt + 1 + m, C)
+            caches = [torch.empty(2, halves * B, nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
+                      for _ in self.h]  # keys and values: (2, halves * B, nh, T, hs) per layer
+        x = torch.cat([self.embed_text(text), self.embed_image(codes.repeat(halves, 1))], dim=1)  # (halves*B, L, C)
         pos = 0
         while codes.shape[1] < T_img:
-            feats = self.run(x, pos, caches)  # (B, L, C)
-            logits = self.image_logits(feats[:, -1]) / temperature  # (B, K)
+            feats = self.run(x, pos, caches)  # (halves * B, L, C)
+            logits = self.image_logits(feats[:, -1])  # (halves * B, K)
+            if halves == 2:
+                cond, uncond = logits.chunk(2)  # (B, K) each
+                logits = uncond + guidance * (cond - uncond)  # (B, K)
+            logits = logits / temperature
             if top_k is not None:  # top_k counts codes, e.g. 64 of K (not a fraction)
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -599,9 +611,9 @@ class Transformer(nn.Module):
             codes = torch.cat([codes, nxt], dim=1)  # (B, m + 1)
             if use_cache:
                 pos += x.shape[1]
-                x = self.embed_image(nxt, codes.shape[1] - 1)  # (B, 1, C): only the new token
+                x = self.embed_image(nxt.repeat(halves, 1), codes.shape[1] - 1)  # (halves * B, 1, C): the new token
             else:
-                x = torch.cat([self.embed_text(text), self.embed_image(codes)], dim=1)
+                x = torch.cat([self.embed_text(text), self.embed_image(codes.repeat(halves, 1))], dim=1)
         return codes  # (B, T_img)
 
 # -----------------------------------------------------------------------------
@@ -711,8 +723,9 @@ class DALLE(nn.Module):
         return self.vae.encode(images)[:, :rows].reshape(images.shape[0], rows * w)  # (B, rows * w)
 
     @torch.no_grad()
-    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None):
+    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None, guidance=1.0):
         """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
+        guidance: classifier-free guidance scale s (Transformer.generate); 1 is the paper's sampling.
 
         image_prompt: (P or 1, 3, H, W) images whose top rows every candidate keeps (Sec 3.3).
         Returns images (P, keep, 3, H, W) in [0, 1] and their CLIP scores (P, keep), best first."""
@@ -726,7 +739,7 @@ class DALLE(nn.Module):
         if image_prompt is not None:
             prompt = self.prompt_codes(image_prompt.to(device)).expand(P, -1).repeat_interleave(n, dim=0)
         generator = torch.Generator(device=device).manual_seed(seed)
-        codes = self.transformer.generate(text, prompt, temperature, top_k, generator)  # (P*N, T_img)
+        codes = self.transformer.generate(text, prompt, temperature, top_k, generator, guidance=guidance)  # (P*N, T_img)
         images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, ranked by CLIP (default 4)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1, the paper's)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (paper: off)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale s: uncond + s * (cond - uncond) (default 1: the paper's)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--image", default=None, help="an image prompt: its top rows are kept (Sec 3.3)")
@@ -40,6 +42,8 @@ def parse_args(argv=None):
         p.error(f"need --n >= 1 and 1 <= --keep <= --n, got --n {args.n} --keep {args.keep}")
     if not args.temperature > 0:
         p.error(f"--temperature must be positive, got {args.temperature}")
+    if not args.guidance >= 0:
+        p.error(f"--guidance must be 0 or more, got {args.guidance}")
     if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be at least 1, got {args.top_k}")
     return args
@@ -75,7 +79,8 @@ def main(argv=None):
                   file=sys.stderr)
     image = load_image_prompt(args.image, c.image_size) if args.image else None
     images, scores = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
-                                    top_k=args.top_k, seed=args.seed, image_prompt=image)
+                                    top_k=args.top_k, seed=args.seed, image_prompt=image,
+                                    guidance=args.guidance)
     try:
         image_grid(images).save(args.out)
     except (OSError, ValueError) as e:

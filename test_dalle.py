@@ -352,6 +352,39 @@ def test_generation_is_reproducible_with_a_seed_and_top_k_restricts_it():
     assert torch.equal(g1, g2)  # top-1 is greedy, whatever the seed
 
 
+def test_guidance_1_is_the_unguided_path_token_for_token():
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, codes = _random_batch(TINY, B=3)
+    for prompt in (None, codes[:, :5]):
+        plain = prior.generate(text, prompt, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(plain, prior.generate(text, prompt, generator=torch.Generator().manual_seed(2), guidance=1))
+
+
+def test_guided_kv_cache_generation_equals_uncached_generation():
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, codes = _random_batch(TINY, B=3)
+    for prompt in (None, codes[:, :5]):
+        fast = prior.generate(text, prompt, generator=torch.Generator().manual_seed(1), guidance=2.5)
+        slow = prior.generate(text, prompt, generator=torch.Generator().manual_seed(1), guidance=2.5,
+                              use_cache=False)
+        assert torch.equal(fast, slow)
+
+
+def test_guided_greedy_codes_are_the_argmax_of_uncond_plus_s_times_cond_minus_uncond():
+    torch.manual_seed(0)
+    prior, s = Transformer(TINY).eval(), 2.5
+    text, _ = _random_batch(TINY, B=3)
+    codes = prior.generate(text, top_k=1, guidance=s)  # (B, T_img), greedy
+    empty = TINY.text_vocab_size + torch.arange(TINY.text_seq_len).expand_as(text)  # every slot its pad
+    V = prior.n_text_ids
+    with torch.no_grad():  # the full forward over the finished sequence: the oracle for every step
+        cond, uncond = (prior(t, codes)[0][:, TINY.text_seq_len:, V:] for t in (text, empty))  # (B, T_img, K)
+    assert torch.equal(codes, (uncond + s * (cond - uncond)).argmax(-1))
+    assert not torch.equal(codes, cond.argmax(-1))  # guidance changed the choice somewhere
+
+
 def test_tiny_prior_overfits_one_batch():
     torch.manual_seed(0)
     prior = Transformer(TINY)
@@ -553,11 +586,37 @@ def test_captions_parse_back_to_their_scenes():
     assert train.parse("an orange circle")["objects"] == [{"colour": "orange", "shape": "circle"}]
 
 
+def test_clip_hard_negatives_are_true_negatives():
+    rng, kinds = random.Random(4), set()
+    for _ in range(600):
+        objects, relation = train.random_scene(rng)
+        twin = train.swapped(objects, relation, rng) if relation else None
+        if twin is None:
+            continue
+        assert train.in_training(twin[0])
+        kinds.add("places" if twin[1] != relation else "colours" if twin[0][0].colour != objects[0].colour else "shapes")
+        # the checker: neither scene's caption describes the other scene, each describes its own
+        for (a, ra), (b, rb) in ((twin, (objects, relation)), ((objects, relation), twin)):
+            assert not train.judge(train.parse(train.caption(a, ra, rng)), train.render(b))["all"]
+            assert train.judge(train.parse(train.caption(a, ra, rng)), train.render(a))["all"]
+    assert kinds == {"places", "colours", "shapes"}
+
+
 def test_checker_is_right_on_clean_renders():
     rng = random.Random(3)
     scenes = [train.report_scene(rng, group) for group in train.REPORT_GROUPS for _ in range(60)]
     for objects, relation, where in scenes:
         assert train.judge(train.parse(train.caption(objects, relation, rng, where)), train.render(objects))["all"]
+
+
+def test_checker_reads_shapes_through_soft_edges():
+    from PIL import Image, ImageFilter  # a decoder's edges are soft: a slight blur must not turn a diamond round
+    for radius in (0.5, 1.0):
+        for colour, shape in train.PAIRS:
+            for size in train.SIZES.values():
+                obj = train.Obj(colour, shape, size, 24, 40)
+                img = np.asarray(Image.fromarray(train.render([obj])).filter(ImageFilter.GaussianBlur(radius)))
+                assert train.judge(train.parse(f"a {train.size_word(size)} {colour} {shape}"), img)["all"], obj
 
 
 def test_checker_rejects_what_the_caption_does_not_say():
@@ -616,7 +675,7 @@ def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(tr
                     str(trained / "dalle.pt"), "--out", str(tmp_path / "s2.png"), "--n", "4", "--keep", "2")
     assert out.read_bytes() == (tmp_path / "s2.png").read_bytes()  # same seed, same images
     r3 = run_sample("🦄 " * 40, "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s3.png"),
-                    "--n", "2", "--keep", "1", "--image", str(out))
+                    "--n", "2", "--keep", "1", "--image", str(out), "--guidance", "2")
     assert r3.returncode == 0 and "warning" in r3.stderr and (tmp_path / "s3.png").exists()
 
 
@@ -641,6 +700,7 @@ def test_sample_bad_inputs_exit_with_one_line(trained, tmp_path):
     _one_line_error(run_sample("", "--checkpoint", ckpt))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--n", "0"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--temperature", "-1"))
+    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--guidance", "-1"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--nonsense"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--device", "warp-drive"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--out", str(tmp_path / "no" / "dir.png")))

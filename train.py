@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -128,6 +128,22 @@ def random_scene(rng):
             return objects, relation
 
 
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def swapped(objects, relation, rng):
+    """A hard negative for CLIP (NegCLIP's, README: Deviations): a two-object scene with its colours, its shapes
+    or its places swapped, which no caption of the original describes -> (objects, relation), or None."""
+    a, b = objects
+    options = [([replace(a, cx=b.cx, cy=b.cy), replace(b, cx=a.cx, cy=a.cy)], OPPOSITE[relation])]
+    if a.colour != b.colour:
+        options.append(([replace(a, colour=b.colour), replace(b, colour=a.colour)], relation))
+    if a.shape != b.shape:
+        options.append(([replace(a, shape=b.shape), replace(b, shape=a.shape)], relation))
+    options = [o for o in options if in_training(o[0])]  # a swap may make a held-out kind: never train on it
+    return rng.choice(options) if options else None
+
+
 REPORT_GROUPS = ("seen objects", "new places", "seen pairs", "new pairs", "held-out objects", "held-out in pairs")
 
 
@@ -236,7 +252,9 @@ def parse(text):
 # The checker: reads colour, shape, size and position back from the pixels
 
 MIN_AREA = 20          # components smaller than this are specks, not objects
+MIN_CORE = 4           # nor are thin rims: an object has this many pixels whose 4 neighbours are all its own
 MIN_SHAPE_IOU = 0.6    # a blob that matches no template this well has no shape
+HALO = 0.4             # a dark pixel beside an object that holds this much of its colour is part of its outline
 
 
 def _components(mask):
@@ -259,35 +277,50 @@ def _components(mask):
     return comps
 
 
-def _classify(ys, xs):
-    """The shape whose template, drawn in the component's bounding box, overlaps it best (IoU)."""
-    y0, x0, bh, bw = ys.min(), xs.min(), ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    comp = np.zeros((bh, bw), bool)
-    comp[ys - y0, xs - x0] = True
+def _classify(mask):
+    """The shape whose template best overlaps a bool mask (IoU), drawn in the mask's bounding box grown or shrunk
+    by up to 2 px: a decoder's soft edges shave or pad a small shape's tips by a pixel (README: the checker)."""
+    ys, xs = np.nonzero(mask)
+    y0, x0 = ys.min() - 2, xs.min() - 2  # a window around the mask, 2 px wider on every side
+    window = np.pad(mask, 2)[y0 + 2:ys.max() + 5, x0 + 2:xs.max() + 5]  # (bh + 4, bw + 4)
+    bh, bw = window.shape
     best, best_iou = None, MIN_SHAPE_IOU
     for shape in SHAPES:
-        tpl = Image.new("1", (bw, bh))
-        draw_shape(ImageDraw.Draw(tpl), shape, [0, 0, bw - 1, bh - 1], 1)
-        tpl = np.asarray(tpl, dtype=bool)
-        iou = (tpl & comp).sum() / (tpl | comp).sum()
-        if iou > best_iou:
-            best, best_iou = shape, iou
+        for grow in (-2, -1, 0, 1, 2):
+            if min(bh, bw) - 5 + grow < 2:
+                continue
+            tpl = Image.new("1", (bw, bh))
+            draw_shape(ImageDraw.Draw(tpl), shape, [2 - grow / 2, 2 - grow / 2, bw - 3 + grow / 2, bh - 3 + grow / 2], 1)
+            tpl = np.asarray(tpl, dtype=bool)
+            iou = (tpl & window).sum() / (tpl | window).sum()
+            if iou > best_iou:
+                best, best_iou = shape, iou
     return best
 
 
 def read_objects(image):
-    """uint8 (64, 64, 3) -> the objects it shows, each an Obj with shape None when it matches no shape."""
+    """uint8 (64, 64, 3) -> the objects it shows, each an Obj with shape None when it matches no shape.
+    Colour by the nearest palette entry; an object is a connected region of one colour with a solid core; its
+    outline takes in the dark halo around it that still holds HALO of its colour (a soft edge, not a new object)."""
     img = image.astype(np.float32)
     palette = np.array(list(COLOURS.values()), np.float32)  # (8, 3)
     dist = np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1)  # (64, 64, 8)
     label = np.where((dist.min(-1) < 80) & (img.max(-1) > 60), dist.argmin(-1), -1)  # (64, 64)
     objects = []
     for i, colour in enumerate(COLOURS):
+        share = img @ palette[i] / (palette[i] @ palette[i])  # (64, 64): how much of this colour each pixel holds
         for ys, xs in _components(label == i):
-            if len(ys) >= MIN_AREA:
-                size = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
-                objects.append(Obj(colour, _classify(ys, xs), size, (xs.min() + xs.max()) / 2,
-                                   (ys.min() + ys.max()) / 2))
+            comp = np.zeros((SIZE, SIZE), bool)
+            comp[ys, xs] = True
+            core = comp[1:-1, 1:-1] & comp[:-2, 1:-1] & comp[2:, 1:-1] & comp[1:-1, :-2] & comp[1:-1, 2:]
+            if len(ys) < MIN_AREA or core.sum() < MIN_CORE:
+                continue
+            near = np.zeros_like(comp)
+            near[max(ys.min() - 2, 0):ys.max() + 3, max(xs.min() - 2, 0):xs.max() + 3] = True
+            mask = comp | (near & (label == -1) & (share >= HALO))  # (64, 64)
+            mys, mxs = np.nonzero(mask)
+            size = max(mys.max() - mys.min(), mxs.max() - mxs.min()) + 1
+            objects.append(Obj(colour, _classify(mask), size, (mxs.min() + mxs.max()) / 2, (mys.min() + mys.max()) / 2))
     return objects
 
 
@@ -430,7 +463,9 @@ def train_prior(model, pool, codes, args, device, state, prompts):
             g["lr"] = lr
         rng = random.Random(args.seed * 1000003 + step)
         idx = rng.sample(range(len(scenes)), args.prior_batch)
-        text = model.tokenize([caption(*scenes[i], rng) for i in idx], dropout=0.1, rng=rng)  # Sec 2.2 fn. 5
+        # DEVIATION: for classifier-free guidance (not in the paper), some captions are left empty (all pads)
+        captions = ["" if rng.random() < args.null_caption else caption(*scenes[i], rng) for i in idx]
+        text = model.tokenize(captions, dropout=0.1, rng=rng)  # Sec 2.2 fn. 5
         _, losses = prior(text, codes[idx].to(device))
         check_finite(losses["loss"], "prior", step)
         opt.zero_grad(set_to_none=True)
@@ -466,8 +501,17 @@ def train_clip(model, pool, codes, args, device, state):
         rng = random.Random(args.seed * 1000033 + step)
         # distinct scenes: reconstructions from the first quarter, renders from the rest
         idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), args.clip_batch - half)
-        text = model.tokenize([caption(*scenes[i], rng) for i in idx])
-        images = to_float(torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]]), device)  # (B, 3, H, W)
+        batch = [scenes[i] for i in idx]
+        images = torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]])  # (B, 3, H, W) uint8
+        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: each two-object scene
+        # brings its swapped twin, so captions that differ only in binding or relation meet in one batch
+        if args.clip_swaps:
+            twins = [swapped(*s, rng) for s in batch if s[1] is not None]
+            twins = [t for t in twins if t is not None]
+            batch += twins
+            images = torch.cat([images, torch.from_numpy(np.stack([render(o) for o, _ in twins])).permute(0, 3, 1, 2)])
+        text = model.tokenize([caption(*s, rng) for s in batch])
+        images = to_float(images, device)  # (B + twins, 3, H, W)
         loss = clip(text, images)
         check_finite(loss, "clip", step)
         opt.zero_grad(set_to_none=True)
@@ -571,6 +615,39 @@ def report(model, args, device, codes_pool):
     return lines, results
 
 
+def cell_patches(images_u8, cell):
+    """uint8 images (N, 3, H, W) -> their cell x cell patches as bytes, N * (H / cell) * (W / cell) in raster order."""
+    N, _, H, W = images_u8.shape
+    patches = images_u8.reshape(N, 3, H // cell, cell, W // cell, cell).permute(0, 2, 4, 1, 3, 5)
+    return [bytes(p) for p in patches.reshape(-1, 3 * cell * cell).numpy()]
+
+
+@torch.no_grad()
+def patch_limit(model, pool, device, path):
+    """Why held-out colour-shape pairs fail (README): how many of a held-out object's cells show pixels that no
+    training image shows (with the code grid's cells, and with cells half as wide), and a picture: each held-out
+    kind small and large, its unseen cells outlined, beside its dVAE reconstruction."""
+    cell, rng, lines = model.config.image_size // model.config.grid_size, random.Random(0), []
+    objects = [place_one(rng, kind, size) for size in SIZES.values() for kind in sorted(HELD_OUT)]
+    renders = torch.from_numpy(np.stack([render([o]) for o in objects])).permute(0, 3, 1, 2)  # (16, 3, H, W)
+    for c in (cell // 2, cell):
+        seen = set(cell_patches(pool[1], c))  # blank cells are in it: every training image has some
+        keys = cell_patches(renders, c)
+        unseen = np.array([k not in seen for k in keys]).reshape(len(objects), SIZE // c, SIZE // c)
+        lines.append(f"{c}x{c} cells: {unseen.sum()} of the {sum(k != bytes(3 * c * c) for k in keys)} non-blank "
+                     f"cells of 16 held-out objects show pixels that no training image shows")
+    outlined = to_float(renders, device)  # (16, 3, H, W)
+    for n, r, c in zip(*np.nonzero(unseen)):  # a magenta frame around each cell no training image shows
+        box = outlined[n, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]  # (3, cell, cell), a view
+        box[:, [0, -1], :] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+        box[:, :, [0, -1]] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+    recon = model.vae.decode(model.vae.encode(to_float(renders, device)))  # (16, 3, H, W)
+    pairs = torch.stack([outlined, recon], 1).reshape(2, 8 * 2, *recon.shape[1:])  # (2 sizes, 8 kinds x 2, 3, H, W)
+    grid = image_grid(pairs)
+    grid.resize((2 * grid.width, 2 * grid.height), Image.NEAREST).save(path)  # twice the size, to see the cells
+    return lines
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -632,6 +709,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--beta", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--logit-scale", type=float, default=3.0, help=argparse.SUPPRESS)
+    p.add_argument("--clip-swaps", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--null-caption", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--config", default="", help=argparse.SUPPRESS)  # e.g. n_layer=2,n_embd=64 for tests
     args = p.parse_args(argv)
     for name in ("dvae_steps", "prior_steps", "clip_steps", "pool", "eval_prompts", "log_every"):
@@ -720,6 +799,7 @@ def main(argv=None):
     print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}")
     write_samples(model, prompts, os.path.join(args.out_dir, "final.png"))
     lines, _ = report(model, args, device, codes)
+    lines += patch_limit(model, pool, device, os.path.join(args.out_dir, "held_out_patches.png"))
     lines.append(f"total time {fmt_time(time.time() - t_start)} on {device}")
     with open(os.path.join(args.out_dir, "report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
