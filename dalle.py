@@ -296,8 +296,9 @@ class DiscreteVAE(nn.Module):
 
     def _check_images(self, images):
         S = self.config.image_size
-        if images.dim() != 4 or images.shape[1:] != (3, S, S):
-            raise ValueError(f"expected images of shape (B, 3, {S}, {S}) in [0, 1], got {tuple(images.shape)}")
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % 8 or images.shape[3] % 8:
+            raise ValueError(f"expected images of shape (B, 3, H, W) in [0, 1], H and W multiples of 8 (the encoder "
+                             f"pools 3 times; {S} x {S} in this config), got {tuple(images.shape)}")
 
     def logits(self, images):
         self._check_images(images)
@@ -315,8 +316,8 @@ class DiscreteVAE(nn.Module):
         """images (B, 3, H, W) -> (B, h, w) bool: the cells whose pixels are all black (below 0.1, so that the
         faint ringing of a resized image prompt still counts as black)."""
         B, _, H, W = images.shape
-        h = w = self.config.grid_size
-        return images.reshape(B, 3, h, H // h, w, W // w).amax(dim=(1, 3, 5)) < 0.1
+        h, w = H // 8, W // 8  # one code per 8 x 8 pixels (App. A.1)
+        return images.reshape(B, 3, h, 8, w, 8).amax(dim=(1, 3, 5)) < 0.1
 
     def decode_soft(self, one_hot):
         stats = self.decoder(one_hot)  # (B, 6, H, W)
@@ -718,7 +719,9 @@ class DALLE(nn.Module):
 
     def prompt_codes(self, images, rows=None):
         """images (B, 3, H, W) -> codes (B, rows * w) of the top rows: 15 of 32 in the paper (Sec 3.3)."""
-        w = self.config.grid_size
+        S, w = self.config.image_size, self.config.grid_size
+        if images.dim() != 4 or images.shape[1:] != (3, S, S):
+            raise ValueError(f"an image prompt must be (B, 3, {S}, {S}), got {tuple(images.shape)}")
         rows = round(15 / 32 * w) if rows is None else rows
         return self.vae.encode(images)[:, :rows].reshape(images.shape[0], rows * w)  # (B, rows * w)
 

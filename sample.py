@@ -77,6 +77,9 @@ def main(argv=None):
         if n_tokens > c.text_seq_len:
             print(f"warning: {prompt[:40]!r}... is {n_tokens} tokens; only the first {c.text_seq_len} are used",
                   file=sys.stderr)
+    if args.guidance != 1 and not ckpt.get("null_caption"):
+        print("warning: this prior never saw an empty caption (train with --null-caption 0.1), so --guidance has no "
+              "unconditional model to push away from", file=sys.stderr)
     image = load_image_prompt(args.image, c.image_size) if args.image else None
     images, scores = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
                                     top_k=args.top_k, seed=args.seed, image_prompt=image,

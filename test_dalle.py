@@ -135,8 +135,13 @@ def test_dvae_gives_blank_cells_one_code_once_it_is_set():
 
 
 def test_dvae_rejects_wrong_image_shapes():
-    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
-        DiscreteVAE(TINY).encode(torch.rand(1, 3, 64, 64))
+    vae = DiscreteVAE(TINY)
+    for shape in ((1, 3, 30, 30), (1, 1, 32, 32), (3, 32, 32)):
+        with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+            vae.encode(torch.rand(*shape))
+    assert vae.encode(torch.rand(2, 3, 16, 24)).shape == (2, 2, 3)  # convolutional: any whole number of cells
+    with pytest.raises(ValueError, match=r"image prompt must be \(B, 3, 32, 32\)"):
+        tiny_model().prompt_codes(torch.rand(1, 3, 16, 16))  # a prompt's rows are rows of the model's grid
 
 
 def test_logit_laplace_is_a_density_on_the_unit_interval():
@@ -607,6 +612,15 @@ def test_checker_is_right_on_clean_renders():
     scenes = [train.report_scene(rng, group) for group in train.REPORT_GROUPS for _ in range(60)]
     for objects, relation, where in scenes:
         assert train.judge(train.parse(train.caption(objects, relation, rng, where)), train.render(objects))["all"]
+
+
+def test_checker_components_are_4_connected():
+    mask = np.zeros((64, 64), bool)
+    mask[0, 0] = mask[1, 1] = True  # touching at a corner only: two components
+    mask[10:15, 10] = mask[14, 10:15] = mask[10:15, 14] = True  # a U: one component, its arms joined at the bottom
+    comps = sorted(train._components(mask), key=lambda c: len(c[0]))
+    assert [len(ys) for ys, _ in comps] == [1, 1, 13]
+    assert {(y, x) for y, x in zip(*comps[2])} == {(y, x) for y, x in zip(*np.nonzero(mask)) if y >= 10}
 
 
 def test_checker_reads_shapes_through_soft_edges():

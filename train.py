@@ -1,8 +1,9 @@
 """
 Train DALL-E's three stages on the Shapes world, in paper order, on a laptop CPU:
   1. the dVAE on pixels (Sec 2.1), 2. the transformer prior on the frozen dVAE's argmax codes (Sec 2.2),
-  3. CLIP for reranking (Sec 2.6). Then a report: how often the samples show what their captions say,
-  on seen objects, on colour-shape pairs held out of training (the zero-shot test), and on two-object scenes.
+  3. CLIP for reranking (Sec 2.6). Then a report: how often the samples show what their captions say, for seen
+  objects and pairs, and for the three zero-shot kinds of world v2 that no training scene shows: objects in places
+  they never visit, pairs of objects never seen together, and colour-shape pairs never rendered.
 
     python train.py                 # the default run: about 10 minutes on 2 CPU cores, writes out/dalle.pt
     python train.py --resume        # continue an interrupted run (Ctrl-C saves one)
@@ -10,6 +11,7 @@ Train DALL-E's three stages on the Shapes world, in paper order, on a laptop CPU
 The Shapes world (shared/SHAPES.md) is made here on the fly: importing this file has no side effects.
 """
 import argparse
+import functools
 import math
 import os
 import random
@@ -258,40 +260,51 @@ HALO = 0.4             # a dark pixel beside an object that holds this much of i
 
 
 def _components(mask):
-    """4-connected components of a bool (64, 64) mask -> list of (ys, xs) index arrays."""
-    seen, comps = np.zeros_like(mask), []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        stack, ys, xs = [(y0, x0)], [], []
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            ys.append(y)
-            xs.append(x)
-            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= ny < SIZE and 0 <= nx < SIZE and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        comps.append((np.array(ys), np.array(xs)))
-    return comps
+    """4-connected components of a bool (64, 64) mask -> list of (ys, xs) index arrays. Each row's runs of True
+    are joined to the runs they touch in the row above (union-find over runs, not pixels: fast in Python)."""
+    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)  # (64, 65): +1 run starts, -1 ends
+    ys, x0s = np.nonzero(edges == 1)
+    x1s = np.nonzero(edges == -1)[1]  # run i covers row ys[i], columns x0s[i] .. x1s[i] - 1
+    parent, rows = list(range(len(ys))), {}
+    for i, y in enumerate(ys):
+        rows.setdefault(y, []).append(i)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i, y in enumerate(ys):
+        for k in rows.get(y - 1, ()):
+            if x0s[k] < x1s[i] and x0s[i] < x1s[k]:  # the runs overlap: one component
+                parent[find(i)] = find(k)
+    comps = {}
+    for i in range(len(ys)):
+        comps.setdefault(find(i), []).append(i)
+    return [(np.repeat(ys[r], x1s[r] - x0s[r]), np.concatenate([np.arange(x0s[i], x1s[i]) for i in r]))
+            for r in comps.values()]
+
+
+@functools.lru_cache(maxsize=None)
+def _template(shape, bh, bw, grow):
+    """bool (bh, bw): shape drawn in the box 2 px inside the window, grown (or shrunk) by grow px."""
+    tpl = Image.new("1", (bw, bh))
+    draw_shape(ImageDraw.Draw(tpl), shape, [2 - grow / 2, 2 - grow / 2, bw - 3 + grow / 2, bh - 3 + grow / 2], 1)
+    return np.asarray(tpl, dtype=bool)
 
 
 def _classify(mask):
     """The shape whose template best overlaps a bool mask (IoU), drawn in the mask's bounding box grown or shrunk
     by up to 2 px: a decoder's soft edges shave or pad a small shape's tips by a pixel (README: the checker)."""
     ys, xs = np.nonzero(mask)
-    y0, x0 = ys.min() - 2, xs.min() - 2  # a window around the mask, 2 px wider on every side
-    window = np.pad(mask, 2)[y0 + 2:ys.max() + 5, x0 + 2:xs.max() + 5]  # (bh + 4, bw + 4)
+    window = np.pad(mask, 2)[ys.min():ys.max() + 5, xs.min():xs.max() + 5]  # the box, 2 px wider on every side
     bh, bw = window.shape
     best, best_iou = None, MIN_SHAPE_IOU
     for shape in SHAPES:
         for grow in (-2, -1, 0, 1, 2):
             if min(bh, bw) - 5 + grow < 2:
                 continue
-            tpl = Image.new("1", (bw, bh))
-            draw_shape(ImageDraw.Draw(tpl), shape, [2 - grow / 2, 2 - grow / 2, bw - 3 + grow / 2, bh - 3 + grow / 2], 1)
-            tpl = np.asarray(tpl, dtype=bool)
+            tpl = _template(shape, bh, bw, grow)
             iou = (tpl & window).sum() / (tpl | window).sum()
             if iou > best_iou:
                 best, best_iou = shape, iou
@@ -307,7 +320,8 @@ def read_objects(image):
     dist = np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1)  # (64, 64, 8)
     label = np.where((dist.min(-1) < 80) & (img.max(-1) > 60), dist.argmin(-1), -1)  # (64, 64)
     objects = []
-    for i, colour in enumerate(COLOURS):
+    for i in np.unique(label[label >= 0]):
+        colour = list(COLOURS)[i]
         share = img @ palette[i] / (palette[i] @ palette[i])  # (64, 64): how much of this colour each pixel holds
         for ys, xs in _components(label == i):
             comp = np.zeros((SIZE, SIZE), bool)
@@ -402,10 +416,17 @@ def train_dvae(model, pool, args, device, state):
         opt.load_state_dict(state["opt"])
     gen = torch.Generator(device=device).manual_seed(args.seed)
     fixed = to_float(pool[1][:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
+    crops, cell = torch.Generator().manual_seed(args.seed), SIZE // model.config.grid_size
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         idx = torch.randint(len(pool[1]), (args.dvae_batch,), generator=torch.Generator().manual_seed(step))
         images = to_float(pool[1][idx], device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        if step < relaxed and args.dvae_crop:
+            # DEVIATION: the relaxed updates see a random crop of whole cells (--dvae-crop 32: a quarter of the image
+            # at half the cost; the nets are convolutional), so more updates fit the time (README: Deviations).
+            # The decoder phase sees whole images, as the prior's codes come from whole images.
+            y, x = (cell * torch.randint(0, (SIZE - args.dvae_crop) // cell + 1, (2,), generator=crops)).tolist()
+            images = images[:, :, y:y + args.dvae_crop, x:x + args.dvae_crop]  # (B, 3, crop, crop)
         if step < relaxed:
             lr = cosine_lr(step, relaxed, args.dvae_lr, args.dvae_lr / 80)  # App. A.2: 1e-4 -> 1.25e-6
             tau, beta = gumbel_temperature(step, relaxed), kl_weight(step, relaxed // 4, args.beta)
@@ -452,6 +473,9 @@ def train_prior(model, pool, codes, args, device, state, prompts):
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
     scenes = pool[0]
+    # DEVIATION: two-object scenes are drawn --pair-weight times as often as single objects (the pool has about
+    # as many of each): a pair is the harder thing to learn, and singles come out right long before pairs do
+    draws = [i for i, (_, relation) in enumerate(scenes) for _ in range(args.pair_weight if relation else 1)]
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         # DEVIATION: warm-up over 5% of the run, then cosine decay (paper: 5,000 updates, then plateau decay);
@@ -462,7 +486,7 @@ def train_prior(model, pool, codes, args, device, state, prompts):
         for g in opt.param_groups:
             g["lr"] = lr
         rng = random.Random(args.seed * 1000003 + step)
-        idx = rng.sample(range(len(scenes)), args.prior_batch)
+        idx = rng.sample(draws, args.prior_batch)
         # DEVIATION: for classifier-free guidance (not in the paper), some captions are left empty (all pads)
         captions = ["" if rng.random() < args.null_caption else caption(*scenes[i], rng) for i in idx]
         text = model.tokenize(captions, dropout=0.1, rng=rng)  # Sec 2.2 fn. 5
@@ -497,7 +521,7 @@ def train_clip(model, pool, codes, args, device, state):
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, args.clip_lr, args.clip_lr / 20)
+            g["lr"] = min(1, (step + 1) / max(1, steps // 10)) * cosine_lr(step, steps, args.clip_lr, args.clip_lr / 20)
         rng = random.Random(args.seed * 1000033 + step)
         # distinct scenes: reconstructions from the first quarter, renders from the rest
         idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), args.clip_batch - half)
@@ -691,7 +715,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
-    p.add_argument("--dvae-steps", type=int, default=2400,
+    p.add_argument("--dvae-steps", type=int, default=3000,
                    help="stage 1 updates (the last sixth train the decoder alone on argmax codes)")
     p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
     p.add_argument("--clip-steps", type=int, default=350, help="stage 3 updates")
@@ -706,16 +730,23 @@ def parse_args(argv=None):
     p.add_argument("--clip-batch", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument("--dvae-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--prior-lr", type=float, default=2e-3, help=argparse.SUPPRESS)
-    p.add_argument("--clip-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
+    p.add_argument("--clip-lr", type=float, default=2e-3, help=argparse.SUPPRESS)
     p.add_argument("--beta", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--logit-scale", type=float, default=3.0, help=argparse.SUPPRESS)
+    p.add_argument("--null-caption", type=float, default=0.0,
+                   help="share of the prior's captions left empty, so that sample.py --guidance works (default 0)")
+    p.add_argument("--pair-weight", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--dvae-crop", type=int, default=32, help=argparse.SUPPRESS)  # 0: whole images
     p.add_argument("--clip-swaps", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--null-caption", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--config", default="", help=argparse.SUPPRESS)  # e.g. n_layer=2,n_embd=64 for tests
     args = p.parse_args(argv)
     for name in ("dvae_steps", "prior_steps", "clip_steps", "pool", "eval_prompts", "log_every"):
         if getattr(args, name) < (1 if name in ("pool", "log_every", "eval_prompts") else 0):
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.dvae_crop % 8 or not 0 <= args.dvae_crop <= SIZE:
+        p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), got {args.dvae_crop}")
+    if not 0 <= args.null_caption < 1 or args.pair_weight < 1:
+        p.error(f"need 0 <= --null-caption < 1 and --pair-weight >= 1, got {args.null_caption}, {args.pair_weight}")
     if args.pool < 4 * max(args.dvae_batch, args.prior_batch, args.clip_batch):
         p.error("--pool must hold at least 4 batches of scenes")
     return args
@@ -775,7 +806,8 @@ def main(argv=None):
                "a red triangle", "a blue circle to the left of a white square"]  # held-out colour-shape pairs
 
     def save():
-        model.save(ckpt_path, step=state["step"], stage=state["stage"], opt=state.get("opt"))
+        model.save(ckpt_path, step=state["step"], stage=state["stage"], opt=state.get("opt"),
+                   null_caption=args.null_caption)
     try:
         if state["stage"] == "dvae":
             train_dvae(model, pool, args, device, state)
