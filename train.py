@@ -616,8 +616,9 @@ def report(model, args, device, codes_pool):
         ok = right["recon"][128 * i:128 * (i + 1)]
         sizes = f" ({by_size(group_scenes, ok)})" if group_scenes[0][1] is None else ""
         lines.append(f"  {group:<18} {np.mean(ok):5.1%}{sizes}")
-    text = model.tokenize([caption(o, r, rng) for o, r in scenes["seen objects"] + scenes["seen pairs"]])
-    _, losses = model.transformer(text, torch.cat([codes[:128], codes[256:384]]).flatten(1))  # the same scenes
+    seen = [i for i, g in enumerate(REPORT_GROUPS) if g.startswith("seen")]  # the scenes the prior learnt from
+    text = model.tokenize([caption(o, r, rng) for i in seen for o, r in scenes[REPORT_GROUPS[i]]])
+    _, losses = model.transformer(text, torch.cat([codes[128 * i:128 * (i + 1)] for i in seen]).flatten(1))
     lines.append(f"transformer loss on seen scenes: {losses['text'].item():.3f} nats per text token (pads included), "
                  f"{losses['image'].item():.3f} nats per image token (ln K = {math.log(c.image_vocab_size):.2f})")
     lines.append("samples (8 a prompt): right = every object and attribute the caption names, nothing else; random = "
@@ -660,7 +661,7 @@ def patch_limit(model, pool, device, path):
         unseen = np.array([k not in seen for k in keys]).reshape(len(objects), SIZE // c, SIZE // c)
         lines.append(f"{c}x{c} cells: {unseen.sum()} of the {sum(k != bytes(3 * c * c) for k in keys)} non-blank "
                      f"cells of 16 held-out objects show pixels that no training image shows")
-    outlined = to_float(renders, device)  # (16, 3, H, W)
+    outlined = to_float(renders, device)  # (16, 3, H, W); `unseen` is the last loop's: the code grid's cells
     for n, r, c in zip(*np.nonzero(unseen)):  # a magenta frame around each cell no training image shows
         box = outlined[n, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]  # (3, cell, cell), a view
         box[:, [0, -1], :] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
