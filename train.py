@@ -38,7 +38,7 @@ POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in t
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 # World v2 (SHAPES.md): three kinds of zero-shot test, none ever rendered in any training scene of any stage
 HELD_OUT = {("red", "triangle"), ("green", "square"), ("blue", "circle"), ("yellow", "diamond"),
-            ("purple", "circle"), ("orange", "triangle"), ("cyan", "square"), ("white", "diamond")}  # 1. new pairs
+            ("purple", "circle"), ("orange", "triangle"), ("cyan", "square"), ("white", "diamond")}  # 1. colour-shape
 NEW_PAIRS = [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("yellow", "circle")),
              (("purple", "square"), ("orange", "diamond")), (("cyan", "triangle"), ("white", "circle")),
              (("yellow", "square"), ("red", "diamond")), (("blue", "triangle"), ("green", "circle")),
@@ -170,7 +170,7 @@ def report_scene(rng, kind):
         pair = [rng.choice(sorted(HELD_OUT)), rng.choice(SEEN_PAIRS)]
         rng.shuffle(pair)
         return (*place_two(rng, *pair), None)
-    raise ValueError(f"unknown test kind {kind!r}, expected one of {REPORT_GROUPS}")
+    raise ValueError(f"unknown report group {kind!r}, expected one of {REPORT_GROUPS}")
 
 
 def draw_shape(draw, shape, box, fill):
