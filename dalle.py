@@ -5,11 +5,12 @@ Reading guide, in paper order (section tags are the paper's):
   1. DALLEConfig            runnable toy defaults; DALLEConfig.paper() is the paper's model
   2. BPETokenizer           byte-level BPE over lower-cased captions (Sec 2.2, App. B.2)
   3. DiscreteVAE            stage 1: 256x256 pixels <-> 32x32 grid of K = 8192 codes (Sec 2.1, App. A)
-  4. Transformer            stage 2: the prior over [text | image] tokens, sparse masks (Sec 2.2, App. B.1)
-  5. sampling               KV-cached, temperature / top-k, image prompts (Sec 2.6, Sec 3.3)
-  6. CLIP                   contrastive reranker: draw N candidates, keep the best k (Sec 2.6)
-  7. DALLE                  the whole pipeline, generate(), save() / load()
-`python dalle.py` walks a random batch through every stage and prints the paper model's sizes.
+  4. Transformer            stage 2: the prior over [text | image] tokens, sparse masks (Sec 2.2, App. B.1),
+                            and its sampling, KV-cached (Transformer.generate, Sec 2.6)
+  5. CLIP                   contrastive reranker: draw N candidates, keep the best k (Sec 2.6)
+  6. DALLE                  the whole pipeline: tokenize, image prompts (Sec 3.3), generate(), save() / load()
+  7. helpers the drivers share (devices, pictures), then `python dalle.py`: one example's shapes at every stage,
+     at toy size and at the paper's.
 
 References
   [1] Ramesh et al. 2021, Zero-Shot Text-to-Image Generation (the paper)
@@ -72,6 +73,10 @@ class DALLEConfig:
     @property
     def block_size(self):           # T: 256 + 1024 = 1280 in the paper
         return self.text_seq_len + self.image_seq_len
+
+    @property
+    def n_text_ids(self):           # V + T_txt: the BPE ids, then one pad per text position (Sec 2.2)
+        return self.text_vocab_size + self.text_seq_len
 
     @classmethod
     def paper(cls):
@@ -286,13 +291,6 @@ class DiscreteVAE(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=1 / math.sqrt(m.weight[0].numel()))
                 nn.init.zeros_(m.bias)
-        # DEVIATION: for worlds drawn on an empty black background (train.py's), the one code that encode() gives
-        # every all-black cell; -1: none, plain argmax codes as in Sec 2.2. A blank cell carries nothing, so q is flat
-        # there and its argmax is whichever code what the encoder sees around the cell favours: on the Shapes world
-        # blank cells got 193 different codes (167 used nowhere else), and guessing them took 89% of the prior's
-        # image loss. With one code (default run, report): the prior's image loss 0.41 -> 0.12 nats, two-object
-        # scenes right in CLIP's best of 8 15% -> 22% (any of 8: 18% -> 31%), seen objects 78% -> 83%.
-        self.register_buffer("blank_code", torch.tensor(-1))
 
     def _check_images(self, images):
         S = self.config.image_size
@@ -307,17 +305,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def encode(self, images):
         """images (B, 3, H, W) in [0, 1] -> codes (B, h, w): the argmax, no gumbel noise (Sec 2.2)."""
-        codes = self.logits(images).argmax(dim=1)  # (B, h, w)
-        if self.blank_code >= 0:
-            codes[self.blank_cells(images)] = self.blank_code
-        return codes
-
-    def blank_cells(self, images):
-        """images (B, 3, H, W) -> (B, h, w) bool: the cells whose pixels are all black (below 0.1, so that the
-        faint ringing of a resized image prompt still counts as black)."""
-        B, _, H, W = images.shape
-        h, w = H // 8, W // 8  # one code per 8 x 8 pixels (App. A.1)
-        return images.reshape(B, 3, h, 8, w, 8).amax(dim=(1, 3, 5)) < 0.1
+        return self.logits(images).argmax(dim=1)  # (B, h, w)
 
     def decode_soft(self, one_hot):
         stats = self.decoder(one_hot)  # (B, 6, H, W)
@@ -334,12 +322,9 @@ class DiscreteVAE(nn.Module):
             images.append(unmap_pixels(torch.sigmoid(mu)))  # (b, 3, H, W)
         return torch.cat(images)  # (B, 3, H, W)
 
-    def forward(self, images, tau, beta, generator=None, recon_loss="logit-laplace"):
-        """The negative ELB of App. A, divided by H*W*3. Returns (reconstructions, loss, stats).
-
-        recon_loss="mse" swaps the logit-Laplace NLL for the squared error of sigmoid(mu) (see train.py)."""
-        if recon_loss not in ("logit-laplace", "mse"):
-            raise ValueError(f"recon_loss must be 'logit-laplace' or 'mse', got {recon_loss!r}")
+    def forward(self, images, tau, beta, generator=None):
+        """The negative ELB of App. A, divided by H*W*3 -> (loss, parts): the terms as tensors, nll (per subpixel),
+        kl (nats per position), kl_term (the KL as the loss counts it), and the decoder's mu, ln_b (B, 3, H, W)."""
         logits = self.logits(images)  # (B, K, h, w)
         B, K, h, w = logits.shape
         # gumbel-softmax relaxation [5], soft in forward and backward (App. A.2)
@@ -348,15 +333,12 @@ class DiscreteVAE(nn.Module):
         mu, ln_b = self.decode_soft(one_hot)  # (B, 3, H, W) each
         x = map_pixels(images)  # (B, 3, H, W)
         nll = logit_laplace_nll(x, mu, ln_b).mean()  # = sum / (B*H*W*3)
-        mse = ((torch.sigmoid(mu) - x) ** 2).mean()
         # KL(q(z|x) || uniform prior over K codes), per position, even while tau > 0 (Sec 2.1)
         log_q = F.log_softmax(logits, dim=1)  # (B, K, h, w)
         kl = (log_q.exp() * (log_q + math.log(K))).sum(dim=1).mean()  # mean per-position KL
         # the loss is divided by H*W*3, so the KL counts h*w / (H*W*3) = 1/192 of a subpixel per position
-        kl_scale = h * w / (images.shape[2] * images.shape[3] * 3)
-        loss = (nll if recon_loss == "logit-laplace" else mse) + beta * kl_scale * kl
-        recon = unmap_pixels(torch.sigmoid(mu))  # (B, 3, H, W)
-        return recon, loss, {"nll": nll.item(), "mse": mse.item(), "kl": kl.item()}
+        kl_term = kl * h * w / (images.shape[2] * images.shape[3] * 3)
+        return nll + beta * kl_term, {"nll": nll, "kl": kl, "kl_term": kl_term, "mu": mu, "ln_b": ln_b}
 
 
 def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
@@ -380,7 +362,7 @@ def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
         for k, v in sd.items():
             stem, leaf = k.rsplit(".", 1)
             ours[prefix + stem.removeprefix("blocks.") + {"w": ".weight", "b": ".bias"}[leaf]] = v
-    vae.load_state_dict(ours | {"blank_code": vae.blank_code})  # openai's encoder gives plain argmax codes
+    vae.load_state_dict(ours)
     return vae
 
 # -----------------------------------------------------------------------------
@@ -496,9 +478,8 @@ class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self.n_text_ids = c.text_vocab_size + c.text_seq_len  # BPE ids + one pad per position (Sec 2.2)
         self.sos = nn.Parameter(torch.zeros(c.n_embd))  # the learned start token at position 0
-        self.wte_txt = nn.Embedding(self.n_text_ids, c.n_embd)
+        self.wte_txt = nn.Embedding(c.n_text_ids, c.n_embd)  # BPE ids and pads
         self.wpe_txt = nn.Embedding(c.text_seq_len + 1, c.n_embd)
         self.wte_img = nn.Embedding(c.image_vocab_size, c.n_embd)
         self.wpe_row = nn.Embedding(c.grid_size, c.n_embd)  # image tokens: token + row + column (Fig. 10)
@@ -506,7 +487,7 @@ class Transformer(nn.Module):
         self.h = nn.ModuleList([Block(c.n_embd, c.n_head) for _ in range(c.n_layer)])
         self.kinds = [MASK_KINDS.index(layer_mask_kind(i + 1, c.n_layer)) for i in range(c.n_layer)]
         self.ln_f = nn.LayerNorm(c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, self.n_text_ids + c.image_vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.n_embd, c.n_text_ids + c.image_vocab_size, bias=False)
         masks = [attention_mask(k, c.text_seq_len, c.grid_size, c.grid_size, c.conv_kernel) for k in MASK_KINDS]
         self.register_buffer("masks", torch.stack(masks), persistent=False)  # (3, T, T)
         self.apply(self._init_weights)
@@ -554,7 +535,7 @@ class Transformer(nn.Module):
         self.check_inputs(text, codes)
         if codes.shape[1] != self.config.image_seq_len:
             raise ValueError(f"codes must be (B, {self.config.image_seq_len}), got {tuple(codes.shape)}")
-        T_txt, V = self.config.text_seq_len, self.n_text_ids
+        T_txt, V = self.config.text_seq_len, self.config.n_text_ids
         x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
         x = self.run(x)  # (B, T, C)
         W = self.lm_head.weight  # (V + K, C): one output vocabulary, each position uses its own part of it
@@ -568,12 +549,11 @@ class Transformer(nn.Module):
         # (B, 1280, 16384 + 256 + 8192) in the paper; the other modality's ids get probability zero
         return logits, {"loss": loss, "text": loss_txt, "image": loss_img}
 
-# -----------------------------------------------------------------------------
-# 5. Sampling (Sec 2.6, Sec 3.3): temperature 1 and no top-k in the paper
+    # Sampling (Sec 2.6, Sec 3.3): temperature 1 and no top-k in the paper
 
     def image_logits(self, x):
         """final features (B, L, C) -> image-code logits (B, L, K), the image slice of lm_head only."""
-        return F.linear(x, self.lm_head.weight[self.n_text_ids:])
+        return F.linear(x, self.lm_head.weight[self.config.n_text_ids:])
 
     @torch.no_grad()
     def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True, guidance=1.0):
@@ -618,7 +598,7 @@ class Transformer(nn.Module):
         return codes  # (B, T_img)
 
 # -----------------------------------------------------------------------------
-# 6. CLIP (Sec 2.6, [3]): a contrastive model that scores how well an image matches its caption
+# 5. CLIP (Sec 2.6, [3]): a contrastive model that scores how well an image matches its caption
 
 
 class CLIP(nn.Module):
@@ -629,8 +609,8 @@ class CLIP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        C, n_text_ids = c.clip_embd, c.text_vocab_size + c.text_seq_len
-        self.wte = nn.Embedding(n_text_ids, C)
+        C = c.clip_embd
+        self.wte = nn.Embedding(c.n_text_ids, C)  # the prior's text ids: BPE ids and pads
         self.wpe = nn.Embedding(c.text_seq_len, C)
         self.h = nn.ModuleList([Block(C, c.clip_head) for _ in range(c.clip_layer)])
         self.ln_f = nn.LayerNorm(C)
@@ -654,10 +634,8 @@ class CLIP(nn.Module):
         x = self.wte(text) + self.wpe(torch.arange(T, device=text.device))  # (B, T, C)
         for block in self.h:
             x = block(x, self.causal[:T, :T])
-        # DEVIATION: CLIP [3] reads the state at [EOS]; we average over the caption's tokens. A held-out caption
-        # ("a blue circle") is new text: read at its last token it looked like "circle" and CLIP picked circles
-        # of any colour. Same prior's candidates (T 0.7), CLIP retrained with 3 seeds, CLIP best of 8 right on
-        # held-out prompts: [EOS] 12.5 / 8.3 / 10.4%, mean 16.7 / 12.5 / 18.8%; seen 75 / 71 / 71% -> 77 / 77 / 77%.
+        # DEVIATION: CLIP [3] reads the state at [EOS]; we average the caption's tokens, so a new colour-shape
+        # pair is not read as its last word (README: Deviations, CLIP.encode_text)
         keep = (torch.arange(T, device=text.device)[None] < n[:, None]).unsqueeze(-1)  # (B, T, 1)
         x = self.ln_f((x * keep).sum(1) / n[:, None])  # (B, C)
         return F.normalize(self.text_proj(x), dim=-1)
@@ -684,7 +662,10 @@ def rerank(scores, keep):
     return scores.topk(min(keep, scores.shape[1]), dim=1).indices
 
 # -----------------------------------------------------------------------------
-# 7. The whole pipeline: tokenizer + dVAE + transformer + CLIP, and checkpoints
+# 6. The whole pipeline: tokenizer + dVAE + transformer + CLIP, and checkpoints
+
+
+FORMAT = "dalle.py/2"  # /1 kept train.py's blank code inside the dVAE's state_dict
 
 
 class CheckpointError(Exception):
@@ -717,20 +698,21 @@ class DALLE(nn.Module):
             rows.append(ids + [V + i for i in range(len(ids), T_txt)])  # a pad token per position (Sec 2.2)
         return torch.tensor(rows, dtype=torch.long, device=self.transformer.sos.device)  # (B, T_txt)
 
-    def prompt_codes(self, images, rows=None):
-        """images (B, 3, H, W) -> codes (B, rows * w) of the top rows: 15 of 32 in the paper (Sec 3.3)."""
-        S, w = self.config.image_size, self.config.grid_size
-        if images.dim() != 4 or images.shape[1:] != (3, S, S):
-            raise ValueError(f"an image prompt must be (B, 3, {S}, {S}), got {tuple(images.shape)}")
-        rows = round(15 / 32 * w) if rows is None else rows
-        return self.vae.encode(images)[:, :rows].reshape(images.shape[0], rows * w)  # (B, rows * w)
+    def prompt_codes(self, codes, rows=None):
+        """An image's codes (B, h, w), vae.encode's -> the codes of its top rows (B, rows * w): 15 of 32 rows in the
+        paper (Sec 3.3), the prompt every candidate of DALLE.generate keeps."""
+        h = w = self.config.grid_size
+        if codes.dim() != 3 or codes.shape[1:] != (h, w):
+            raise ValueError(f"an image prompt's codes must be (B, {h}, {w}), got {tuple(codes.shape)}")
+        rows = round(15 / 32 * h) if rows is None else rows
+        return codes[:, :rows].reshape(codes.shape[0], rows * w)  # (B, rows * w)
 
     @torch.no_grad()
     def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None, guidance=1.0):
         """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
         guidance: classifier-free guidance scale s (Transformer.generate); 1 is the paper's sampling.
 
-        image_prompt: (P or 1, 3, H, W) images whose top rows every candidate keeps (Sec 3.3).
+        image_prompt: (P or 1, m) codes of the first m cells, which every candidate keeps (Sec 3.3): prompt_codes'.
         Returns images (P, keep, 3, H, W) in [0, 1] and their CLIP scores (P, keep), best first."""
         if not prompts or keep < 1 or n < keep:
             raise ValueError(f"need at least one prompt and 1 <= keep <= n, got {len(prompts)} prompts, "
@@ -740,7 +722,7 @@ class DALLE(nn.Module):
         text = self.tokenize(prompts).repeat_interleave(n, dim=0)  # (P*N, T_txt)
         prompt = None
         if image_prompt is not None:
-            prompt = self.prompt_codes(image_prompt.to(device)).expand(P, -1).repeat_interleave(n, dim=0)
+            prompt = image_prompt.to(device).expand(P, -1).repeat_interleave(n, dim=0)  # (P*N, m)
         generator = torch.Generator(device=device).manual_seed(seed)
         codes = self.transformer.generate(text, prompt, temperature, top_k, generator, guidance=guidance)  # (P*N, T_img)
         images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
@@ -751,7 +733,7 @@ class DALLE(nn.Module):
 
     def save(self, path, step=0, **extra):
         """One dict of plain data, written atomically: a crash mid-write never clobbers the last checkpoint."""
-        ckpt = {"format": "dalle.py/1", "config": asdict(self.config), "tokenizer": self.tokenizer.to_dict(),
+        ckpt = {"format": FORMAT, "config": asdict(self.config), "tokenizer": self.tokenizer.to_dict(),
                 "vae": self.vae.state_dict(), "transformer": self.transformer.state_dict(),
                 "clip": self.clip.state_dict(), "step": step, **extra}
         tmp = f"{path}.tmp"
@@ -767,7 +749,9 @@ class DALLE(nn.Module):
             ckpt = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {_brief(e)}")
-        if not isinstance(ckpt, dict) or ckpt.get("format") != "dalle.py/1":
+        if isinstance(ckpt, dict) and ckpt.get("format") == "dalle.py/1":
+            raise CheckpointError(f"{path} was written by an older dalle.py (format dalle.py/1): train it again")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a dalle.py checkpoint")
         try:
             known = {f.name for f in fields(DALLEConfig)}
@@ -780,7 +764,7 @@ class DALLE(nn.Module):
         return model.to(device).eval(), ckpt
 
 # -----------------------------------------------------------------------------
-# Helpers the drivers share: the device, and pictures
+# 7. Helpers the drivers share: the device, the error-line parser, pictures
 
 
 def pick_device(name=None):
@@ -842,49 +826,63 @@ def mask_ascii(kind, grid=4, kernel=3, query=None):
     return [" ".join(marks[r * grid:(r + 1) * grid]) for r in range(grid)]
 
 # -----------------------------------------------------------------------------
-# python dalle.py: a shape walkthrough
+# python dalle.py: one example's shapes at every stage, at toy size and at the paper's
 
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def _stages(model, captions, images):
+    """One batch through every stage -> [(stage, step, shape)]: what `python dalle.py` prints."""
+    c, vae = model.config, model.vae
+    text = model.tokenize(captions)  # (B, T_txt)
+    logits = vae.logits(images)  # (B, K, h, w)
+    codes = logits.argmax(1)  # (B, h, w): vae.encode, the prior's image tokens (Sec 2.2)
+    mu, ln_b = vae.decode_soft(F.one_hot(codes, c.image_vocab_size).permute(0, 3, 1, 2).float())  # (B, 3, H, W)
+    prior_logits, _ = model.transformer(text, codes.flatten(1))  # (B, T, V + T_txt + K)
+    shape = lambda t: str(tuple(t.shape))  # noqa: E731
+    # CLIP's text side reads each caption's length, which a meta tensor does not hold; its size is ours anyway
+    scores = "(our CLIP is toy-sized)" if images.is_meta else shape(model.clip.score(text, images))  # (B,)
+    return [("1. BPE", "captions -> text ids, a pad per empty slot", shape(text)),
+            ("2. dVAE", "images", shape(images)),
+            ("", "encoder: logits over K codes per cell", shape(logits)),
+            ("", "codes: the argmax per cell", shape(codes)),
+            ("", "decoder: mu and ln b per subpixel", f"{shape(mu)} x 2"),
+            ("3. prior", "logits: T positions x (V + T_txt + K)", shape(prior_logits)),
+            ("5. CLIP", "a score per (caption, image)", scores)]
+
+
 def _walkthrough():
     torch.manual_seed(0)
-    c = DALLEConfig()
-    print(f"toy config: {c}\n")
+    captions = ["a red circle above a blue square", "a large green triangle on the left"]
     tok = BPETokenizer()
-    tok.train("a red circle above a blue square. a large green triangle on the left. " * 20, 300)
-    model = DALLE(c, tok)
-    print(f"1. BPE   {'a red circle above a blue square'!r} -> {tok.encode('a red circle above a blue square')}")
-    text = model.tokenize(["a red circle above a blue square", "a large green triangle on the left"])
-    print(f"         tokenize(2 captions) -> text {tuple(text.shape)}: ids, then a pad id per empty slot")
-    images = torch.rand(2, 3, c.image_size, c.image_size)
-    recon, loss, stats = model.vae(images, tau=1.0, beta=0.0)
-    codes = model.vae.encode(images)
-    print(f"2. dVAE  images {tuple(images.shape)} -> logits {tuple(model.vae.logits(images).shape)} -> "
-          f"codes {tuple(codes.shape)} -> images {tuple(model.vae.decode(codes).shape)}; loss {loss.item():.3f}")
-    logits, losses = model.transformer(text, codes.flatten(1))
-    print(f"3. prior text {tuple(text.shape)} + codes {tuple(codes.flatten(1).shape)} -> logits "
-          f"{tuple(logits.shape)}; loss {losses['loss'].item():.3f} = 1/8 text + 7/8 image")
-    print(f"         layer masks: {[layer_mask_kind(i + 1, c.n_layer) for i in range(c.n_layer)]}")
-    for kinds in zip(*[[f"{k:<12}"] + mask_ascii(k) for k in MASK_KINDS]):
-        print("         " + "   ".join(f"{s:<12}" for s in kinds))
-    out, scores = model.generate(["a red circle"], n=4, keep=2)
-    print(f"4. generate 4 candidates, CLIP keeps 2 -> images {tuple(out.shape)}, scores {tuple(scores.shape)}")
-    print(f"   parameters: dVAE {n_params(model.vae) / 1e6:.2f}M, transformer {n_params(model.transformer) / 1e6:.2f}M,"
-          f" CLIP {n_params(model.clip) / 1e6:.2f}M\n")
-    p = DALLEConfig.paper()
-    with torch.device("meta"):  # shapes and sizes only: no memory is allocated
-        vae, prior = DiscreteVAE(p), Transformer(p)
-        logits, _ = prior(torch.zeros(1, p.text_seq_len, dtype=torch.long),
-                          torch.zeros(1, p.image_seq_len, dtype=torch.long))
-        z = vae.logits(torch.zeros(1, 3, p.image_size, p.image_size))
-    kinds = [layer_mask_kind(i + 1, p.n_layer) for i in range(p.n_layer)]
-    print(f"paper preset (meta device): dVAE encoder {n_params(vae.encoder) / 1e6:.1f}M, decoder "
-          f"{n_params(vae.decoder) / 1e6:.1f}M; images (1, 3, 256, 256) -> logits {tuple(z.shape)}")
-    print(f"  transformer {n_params(prior) / 1e9:.2f}B parameters; logits {tuple(logits.shape)}; masks: "
-          f"{kinds.count('row')} row, {kinds.count('column')} column, {kinds.count('conv')} conv")
+    tok.train(" ".join(captions * 20), 300)
+    print(f"BPE: {captions[0]!r} -> {tok.encode(captions[0])}\n")
+    toy, paper = DALLEConfig(), DALLEConfig.paper()
+    model = DALLE(toy, tok)
+    rows = _stages(model, captions, torch.rand(2, 3, toy.image_size, toy.image_size))
+    with torch.device("meta"):  # the paper's model, shapes and sizes only: no memory is allocated
+        big = DALLE(paper, tok)
+        big_rows = _stages(big, captions, torch.zeros(2, 3, paper.image_size, paper.image_size))
+    print(f"{'stage':<9}{'step':<44}{'toy: DALLEConfig()':<22}paper: DALLEConfig.paper()")
+    out, scores = model.generate(["a red circle"], n=4, keep=2)  # (1, 2, 3, H, W), (1, 2)
+    rows.insert(-1, ("4. draw", "4 candidates, CLIP keeps the best 2", f"{tuple(out.shape)}"))
+    big_rows.insert(-1, ("", "", "(not run: 12B parameters)"))
+    for (stage, step, small), (_, _, large) in zip(rows, big_rows):
+        print(f"{stage:<9}{step:<44}{small:<22}{large}")
+    print()
+    for name, c in (("toy", toy), ("paper", paper)):
+        kinds = [layer_mask_kind(i + 1, c.n_layer) for i in range(c.n_layer)]
+        print(f"layer masks, {name} ({c.n_layer} layers, App. B.1): {kinds.count('row')} row, "
+              f"{kinds.count('column')} column, {kinds.count('conv')} conv" + (f": {kinds}" if c.n_layer < 8 else ""))
+    print("what the output predicting cell q reads on a 4x4 grid (#), 3x3 conv kernel (Fig. 11):")
+    for line in zip(*[[f"{k}:"] + mask_ascii(k) for k in MASK_KINDS]):
+        print("   " + "   ".join(f"{s:<12}" for s in line))
+    print()
+    for name, small, large in (("dVAE", model.vae, big.vae), ("transformer", model.transformer, big.transformer),
+                               ("CLIP (ours)", model.clip, big.clip)):
+        print(f"{name:<12} parameters: toy {n_params(small) / 1e6:6.2f}M   paper {n_params(large) / 1e6:9.1f}M")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """
 Text in, pictures out: draw --n candidates per prompt with the transformer prior, decode them with the dVAE,
 and keep the --keep that CLIP scores highest (Sec 2.6). One row of samples.png per prompt, best first.
+For captions of the Shapes world, the checker of train.py says which of the kept pictures show what they say.
 
     python sample.py "a red circle to the left of a blue square"
     python sample.py "a red triangle" "a blue circle" --n 64 --keep 8
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from dalle import DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
+from train import dvae_codes, judge, parse, to_u8
 
 
 def die(message, code=1):
@@ -77,21 +79,26 @@ def main(argv=None):
         if n_tokens > c.text_seq_len:
             print(f"warning: {prompt[:40]!r}... is {n_tokens} tokens; only the first {c.text_seq_len} are used",
                   file=sys.stderr)
-    if args.guidance != 1 and not ckpt.get("null_caption"):
+    if args.guidance != 1 and not (ckpt.get("train") or {}).get("null_caption"):
         print("warning: this prior never saw an empty caption (train with --null-caption 0.1), so --guidance has no "
               "unconditional model to push away from", file=sys.stderr)
-    image = load_image_prompt(args.image, c.image_size) if args.image else None
+    prompt = None
+    if args.image:  # the codes as the checkpoint's prior learnt them: its recipe's blank code included
+        image = load_image_prompt(args.image, c.image_size).to(device)  # (1, 3, S, S)
+        prompt = model.prompt_codes(dvae_codes(model.vae, image, ckpt.get("blank_code", -1)))  # (1, rows * w)
     images, scores = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
-                                    top_k=args.top_k, seed=args.seed, image_prompt=image,
-                                    guidance=args.guidance)
+                                    top_k=args.top_k, seed=args.seed, image_prompt=prompt, guidance=args.guidance)
     try:
         image_grid(images).save(args.out)
     except (OSError, ValueError) as e:
         die(f"cannot write {args.out}: {e}")
     print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP ({args.checkpoint}, "
           f"stage {ckpt.get('stage', '?')})")
-    for prompt, row in zip(args.prompts, scores.tolist()):
-        print(f"  {prompt!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row))
+    for text, row, pictures in zip(args.prompts, scores.tolist(), images):
+        spec = parse(text)  # None: not a caption of the Shapes world, which the checker cannot read
+        right = [judge(spec, p)["all"] for p in to_u8(pictures).permute(0, 2, 3, 1).numpy()] if spec else []
+        check = f"; the checker reads {sum(right)} of {len(right)} right" if spec else ""
+        print(f"  {text!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row) + check)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dalle
-from dalle import (CLIP, DALLE, BPETokenizer, CheckpointError, DALLEConfig, DiscreteVAE, Transformer,
+from dalle import (DALLE, BPETokenizer, CheckpointError, DALLEConfig, DiscreteVAE, Transformer,
                    attention_mask, gumbel_temperature, image_mask, kl_weight, layer_mask_kind, load_openai_dvae,
                    logit_laplace_nll, rerank)
 
@@ -120,28 +120,20 @@ def test_dvae_shapes_paper_on_meta_device():
     assert abs(dalle.n_params(vae.encoder) - 53.8e6) < 0.1e6 and abs(dalle.n_params(vae.decoder) - 43.8e6) < 0.1e6
 
 
-def test_dvae_gives_blank_cells_one_code_once_it_is_set():
-    vae = DiscreteVAE(TINY).eval()  # 32 px, a 4x4 grid of 8x8 cells
-    images = torch.zeros(2, 3, 32, 32)
-    images[0, :, 3:12, 3:12] = torch.rand(3, 9, 9) + 0.1  # touches cells (0, 0), (0, 1), (1, 0), (1, 1) of image 0
-    images[1, :, 20:23, 20:23] = 0.05  # faint, as a resized prompt's ringing: still blank
-    argmax = vae.logits(images).argmax(1)
-    assert torch.equal(vae.encode(images), argmax)  # -1: plain argmax, as in the paper
-    vae.blank_code.fill_(5)
-    codes = vae.encode(images)
-    drawn = torch.zeros(2, 4, 4, dtype=torch.bool)
-    drawn[0, :2, :2] = True
-    assert torch.equal(codes[drawn], argmax[drawn]) and (codes[~drawn] == 5).all()
-
-
 def test_dvae_rejects_wrong_image_shapes():
     vae = DiscreteVAE(TINY)
     for shape in ((1, 3, 30, 30), (1, 1, 32, 32), (3, 32, 32)):
         with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
             vae.encode(torch.rand(*shape))
     assert vae.encode(torch.rand(2, 3, 16, 24)).shape == (2, 2, 3)  # convolutional: any whole number of cells
-    with pytest.raises(ValueError, match=r"image prompt must be \(B, 3, 32, 32\)"):
-        tiny_model().prompt_codes(torch.rand(1, 3, 16, 16))  # a prompt's rows are rows of the model's grid
+    with pytest.raises(ValueError, match=r"prompt's codes must be \(B, 4, 4\)"):
+        tiny_model().prompt_codes(vae.encode(torch.rand(1, 3, 16, 16)))  # a prompt's rows are rows of the grid
+
+
+def test_prompt_codes_are_the_top_rows_in_raster_order():
+    codes = torch.arange(2 * 16).view(2, 4, 4)
+    assert torch.equal(tiny_model().prompt_codes(codes), codes[:, :2].reshape(2, 8))  # round(15 / 32 * 4) = 2 rows
+    assert torch.equal(tiny_model().prompt_codes(codes, rows=1), codes[:, 0])
 
 
 def test_logit_laplace_is_a_density_on_the_unit_interval():
@@ -159,13 +151,13 @@ def test_dvae_loss_falls_on_a_fixed_batch():
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     losses = []
     for step in range(40):
-        _, loss, stats = vae(images, tau=1.0, beta=1.0)
+        loss, parts = vae(images, tau=1.0, beta=1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
-    assert stats["kl"] >= 0
+    assert parts["kl"] >= 0
 
 
 def test_dvae_loss_is_normalised_per_subpixel():
@@ -173,11 +165,12 @@ def test_dvae_loss_is_normalised_per_subpixel():
     vae = DiscreteVAE(TINY)
     images = torch.rand(2, 3, 32, 32)
     gen = torch.Generator().manual_seed(0)
-    _, loss0, s = vae(images, tau=1.0, beta=0.0, generator=gen)
-    _, loss1, _ = vae(images, tau=1.0, beta=2.0, generator=torch.Generator().manual_seed(0))
-    assert math.isclose(loss0.item(), s["nll"], rel_tol=1e-5)
+    loss0, s = vae(images, tau=1.0, beta=0.0, generator=gen)
+    loss1, _ = vae(images, tau=1.0, beta=2.0, generator=torch.Generator().manual_seed(0))
+    assert math.isclose(loss0.item(), s["nll"].item(), rel_tol=1e-5)
     # the KL term counts h*w / (H*W*3) = 16 / 3072 per position (1/192)
-    assert math.isclose((loss1 - loss0).item(), 2.0 * s["kl"] / 192, rel_tol=1e-4)
+    assert math.isclose((loss1 - loss0).item(), 2.0 * s["kl"].item() / 192, rel_tol=1e-4)
+    assert math.isclose(s["kl_term"].item(), s["kl"].item() / 192, rel_tol=1e-6)
 
 
 def test_schedule_endpoints():
@@ -193,8 +186,6 @@ def _openai_keys(vae):
     """Our state_dict keys in openai/DALL-E's naming, by the table in load_openai_dvae's docstring."""
     enc, dec = {}, {}
     for k, v in vae.state_dict().items():
-        if k == "blank_code":  # ours alone: openai's encoder gives plain argmax codes
-            continue
         part, rest = k.split(".", 1)
         stem, leaf = rest.rsplit(".", 1)
         (enc if part == "encoder" else dec)["blocks." + stem + {"weight": ".w", "bias": ".b"}[leaf]] = v
@@ -320,7 +311,7 @@ def test_text_positions_never_predict_image_ids_and_vice_versa():
     text, codes = _random_batch(TINY)
     logits, _ = prior(text, codes)
     probs = logits.softmax(-1)
-    T_txt, n_text_ids = TINY.text_seq_len, prior.n_text_ids
+    T_txt, n_text_ids = TINY.text_seq_len, prior.config.n_text_ids
     assert probs[:, :T_txt, n_text_ids:].sum() == 0 and probs[:, T_txt:, :n_text_ids].sum() == 0
 
 
@@ -383,7 +374,7 @@ def test_guided_greedy_codes_are_the_argmax_of_uncond_plus_s_times_cond_minus_un
     text, _ = _random_batch(TINY, B=3)
     codes = prior.generate(text, top_k=1, guidance=s)  # (B, T_img), greedy
     empty = TINY.text_vocab_size + torch.arange(TINY.text_seq_len).expand_as(text)  # every slot its pad
-    V = prior.n_text_ids
+    V = prior.config.n_text_ids
     with torch.no_grad():  # the full forward over the finished sequence: the oracle for every step
         cond, uncond = (prior(t, codes)[0][:, TINY.text_seq_len:, V:] for t in (text, empty))  # (B, T_img, K)
     assert torch.equal(codes, (uncond + s * (cond - uncond)).argmax(-1))
@@ -486,6 +477,10 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save(ckpt, str(tmp_path / "other.pt"))
     with pytest.raises(CheckpointError, match="incompatible"):
         DALLE.load(str(tmp_path / "other.pt"))
+    ckpt["format"] = "dalle.py/1"
+    torch.save(ckpt, str(tmp_path / "old.pt"))
+    with pytest.raises(CheckpointError, match="older dalle.py"):
+        DALLE.load(str(tmp_path / "old.pt"))
     torch.save({"weights": torch.zeros(1)}, str(tmp_path / "foreign.pt"))
     with pytest.raises(CheckpointError, match="not a dalle.py checkpoint"):
         DALLE.load(str(tmp_path / "foreign.pt"))
@@ -495,7 +490,7 @@ def test_checkpoint_never_unpickles_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
-    torch.save({"format": "dalle.py/1", "x": Evil()}, str(tmp_path / "evil.pt"))
+    torch.save({"format": dalle.FORMAT, "x": Evil()}, str(tmp_path / "evil.pt"))
     with pytest.raises(CheckpointError):
         DALLE.load(str(tmp_path / "evil.pt"))
 
@@ -653,15 +648,73 @@ TINY_RUN = ["--dvae-steps", "6", "--prior-steps", "3", "--clip-steps", "2", "--p
             "--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,clip_embd=16,clip_head=2"]
 
 
+def test_every_training_setting_is_a_flag():
+    from dataclasses import fields
+    for f in fields(train.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            argv, want = ["--no-" + flag[2:]] if f.default else [flag], not f.default
+        elif f.metadata["choices"]:
+            want = next(c for c in f.metadata["choices"] if c != f.default)
+            argv = [flag, want]
+        else:
+            if isinstance(f.default, int):
+                want = f.default // 2 if f.default > 1 else f.default + 1
+            else:
+                want = f.default / 2 if f.default else 0.1
+            argv = [flag, str(want)]
+        cfg, _ = train.parse_args(argv)
+        assert getattr(cfg, f.name) == want, f.name
+        assert f.metadata["help"], f"{f.name} says nothing of its paper value or reason"
+
+
+def test_dvae_codes_give_every_blank_cell_the_blank_code():
+    vae = DiscreteVAE(TINY).eval()  # 32 px, a 4x4 grid of 8x8 cells
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, 3:12, 3:12] = torch.rand(3, 9, 9) + 0.1  # touches cells (0, 0), (0, 1), (1, 0), (1, 1) of image 0
+    images[1, :, 20:23, 20:23] = 0.05  # faint, as a resized prompt's ringing: still blank
+    argmax = vae.encode(images)
+    assert torch.equal(train.dvae_codes(vae, images), argmax)  # -1: plain argmax, as in the paper
+    codes = train.dvae_codes(vae, images, blank_code=5)
+    drawn = torch.zeros(2, 4, 4, dtype=torch.bool)
+    drawn[0, :2, :2] = True
+    assert torch.equal(codes[drawn], argmax[drawn]) and (codes[~drawn] == 5).all()
+
+
+def test_relaxed_loss_is_app_a_loss_with_logit_laplace_and_swaps_only_the_reconstruction_term_with_mse():
+    torch.manual_seed(0)
+    vae, images = DiscreteVAE(TINY), torch.rand(2, 3, 32, 32)
+    paper, _ = vae(images, 0.5, 2.0, generator=torch.Generator().manual_seed(0))
+    cfg = train.TrainConfig(dvae_recon="logit-laplace")
+    ours, _ = train.relaxed_loss(vae, images, 0.5, 2.0, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(ours, paper)
+    mse, stats = train.relaxed_loss(vae, images, 0.5, 2.0, train.TrainConfig(), torch.Generator().manual_seed(0))
+    _, parts = vae(images, 0.5, 2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(mse, torch.tensor(stats["mse"]) + 2.0 * parts["kl_term"])
+
+
+def test_best_of_n_is_the_mean_over_every_draw_of_n_candidates():
+    from itertools import combinations
+    rng = np.random.default_rng(0)
+    right = rng.random((5, 7)) < 0.4  # (P, M) in CLIP's order, best first
+    for n in range(1, 8):
+        draws = list(combinations(range(7), n))  # CLIP's pick of a draw is its best-ranked, the lowest index
+        brute = np.mean([[row[min(d)] for d in draws] for row in right])
+        assert math.isclose(train.best_of(right, n), brute), n
+    assert math.isclose(train.best_of(right, 1), right.mean()) and train.best_of(right, 7) == right[:, 0].mean()
+
+
 def test_dvae_last_sixth_trains_the_decoder_alone():
-    args = train.parse_args(TINY_RUN + ["--dvae-steps", "12"])
-    pool = train.make_pool(args.pool, args.seed)
-    model = train.build_model(args, pool)
+    cfg, args = train.parse_args(TINY_RUN + ["--dvae-steps", "12"])
+    pool = train.make_pool(cfg.pool, cfg.seed)
+    model = train.build_model(cfg, pool, args.config)
     encoder = {k: v.clone() for k, v in model.vae.encoder.state_dict().items()}
     decoder = {k: v.clone() for k, v in model.vae.decoder.state_dict().items()}
-    train.train_dvae(model, pool, args, torch.device("cpu"), {"step": 10})  # 12 - 12 // 6: the decoder's two
+    state = {"step": 10, "history": {"dvae": []}}  # 12 - 12 / 6: the decoder's two updates
+    train.train_dvae(model, pool, cfg, torch.device("cpu"), state)
     assert all(torch.equal(v, model.vae.encoder.state_dict()[k]) for k, v in encoder.items())  # codes unchanged
     assert not all(torch.equal(v, model.vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert state["blank_code"] >= 0 and len(state["history"]["dvae"]) == 2
 
 
 @pytest.fixture(scope="module")
@@ -678,14 +731,19 @@ def run_sample(*args, cwd=HERE):
 
 def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(trained, tmp_path):
     assert (trained / "dalle.pt").exists() and (trained / "report.txt").exists()
-    assert (trained / "dvae_recon.png").exists() and (trained / "final.png").exists()
+    for picture in ("dvae_recon", "final", "recon_by_group", "samples_by_group", "rerank_curve", "loss_curves",
+                    "held_out_patches"):
+        assert (trained / f"{picture}.png").exists(), picture
+    _, ckpt = DALLE.load(str(trained / "dalle.pt"))  # the recipe travels with the weights, as plain data
+    assert ckpt["train"]["dvae_steps"] == 6 and ckpt["blank_code"] >= 0 and len(ckpt["history"]["prior"]) == 3
     out = tmp_path / "s.png"
     r = run_sample("a red circle", "a blue square above a green circle", "--checkpoint", str(trained / "dalle.pt"),
                    "--out", str(out), "--n", "4", "--keep", "2")
     assert r.returncode == 0, r.stderr
+    assert "the checker reads" in r.stdout  # both captions are of the Shapes world
     from PIL import Image
     assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
-    r2 = run_sample("a red circle", "a blue square above a green circle", "--checkpoint",
+    run_sample("a red circle", "a blue square above a green circle", "--checkpoint",
                     str(trained / "dalle.pt"), "--out", str(tmp_path / "s2.png"), "--n", "4", "--keep", "2")
     assert out.read_bytes() == (tmp_path / "s2.png").read_bytes()  # same seed, same images
     r3 = run_sample("🦄 " * 40, "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s3.png"),
@@ -699,6 +757,15 @@ def test_resume_continues_an_interrupted_run(trained, tmp_path):
     train.main(TINY_RUN + ["--out-dir", str(tmp_path), "--resume"])
     _, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
     assert ckpt["stage"] == "done"
+
+
+def test_dvae_from_keeps_the_dvae_and_trains_the_prior_afresh(trained, tmp_path):
+    train.main(TINY_RUN + ["--out-dir", str(tmp_path), "--dvae-from", str(trained / "dalle.pt")])
+    before, _ = DALLE.load(str(trained / "dalle.pt"))
+    after, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
+    assert ckpt["stage"] == "done" and len(ckpt["history"]["prior"]) == 3
+    assert all(torch.equal(v, after.vae.state_dict()[k]) for k, v in before.vae.state_dict().items())
+    assert not torch.equal(before.transformer.wte_img.weight, after.transformer.wte_img.weight)
 
 
 def _one_line_error(r, code=None):

@@ -5,9 +5,11 @@ Train DALL-E's three stages on the Shapes world, in paper order, on a laptop CPU
   objects and pairs, and for the three zero-shot kinds of world v2 that no training scene shows: objects in places
   they never visit, pairs of objects never seen together, and colour-shape pairs never rendered.
 
-    python train.py                 # the default run: about 10 minutes on 2 CPU cores, writes out/dalle.pt
-    python train.py --resume        # continue an interrupted run (Ctrl-C saves one)
+    python train.py                          # the default run: about 10 minutes on 2 CPU cores, writes out/dalle.pt
+    python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
+    python train.py --dvae-from out/dalle.pt --out-dir out/ex   # keep that dVAE, train the prior and CLIP again
 
+Every training setting is in TrainConfig below, with its paper value; each is a flag (--help lists them).
 The Shapes world (shared/SHAPES.md) is made here on the fly: importing this file has no side effects.
 """
 import argparse
@@ -17,15 +19,75 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, gumbel_temperature,
-                   image_grid, kl_weight, map_pixels, pick_device)
+from dalle import (CLIP, DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, Transformer,
+                   gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, pick_device)
+
+# -----------------------------------------------------------------------------
+# The training settings, each with its paper value and, where ours differs, why (README: Deviations).
+# DEVIATION: a toy run has thousands of updates, not millions: batches are small and learning rates high.
+
+
+def setting(default, why, choices=None):
+    return field(default=default, metadata={"help": why, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    seed: int = setting(0, "same seed, same run")
+    pool: int = setting(8000, "scenes rendered once for training; their captions are drawn afresh at each use")
+    log_every: int = setting(100, "updates between progress lines")
+    sample_every: int = setting(200, "prior updates between sample grids (0: never)")
+    # stage 1, the dVAE (Sec 2.1, App. A.2)
+    dvae_steps: int = setting(3000, "updates (paper: 3M); the last decoder_share of them train the decoder alone")
+    dvae_batch: int = setting(8, "images per update (paper: 512): on a CPU, more small updates win")
+    dvae_lr: float = setting(1e-3, "peak lr of the relaxed updates (paper: 1e-4)")
+    dvae_lr_end: float = setting(1 / 80, "the cosine decays the lr to this share of its peak (paper: 1e-4 -> 1.25e-6)")
+    dvae_recon: str = setting("mse", "reconstruction term: the paper's logit-laplace (App. A.3) collapsed every "
+                                     "short run to a few codes; mse is the squared error of sigmoid(mu)",
+                              choices=("mse", "logit-laplace"))
+    beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
+    beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
+    dvae_crop: int = setting(32, "relaxed updates see a random crop this wide, whole cells (0: the whole image; "
+                                 "paper: whole images): a crop costs half as much, so more updates fit")
+    decoder_share: float = setting(1 / 6, "share of the dVAE updates, at the end, that train the decoder alone on "
+                                          "argmax codes (not in the paper)")
+    decoder_lr: float = setting(3e-4, "lr of the decoder phase, held")
+    logit_scale: float = setting(3.0, "the encoder's output conv starts this many times openai's init, so "
+                                      "that codes beat the gumbel noise from the start")
+    codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise: one-hot inputs look alike at first")
+    # stage 2, the transformer prior (Sec 2.2, App. B.2)
+    prior_steps: int = setting(1120, "updates (paper: about 430k)")
+    prior_batch: int = setting(32, "captions per update (paper: 1024)")
+    prior_lr: float = setting(2e-3, "peak lr (paper: 4.5e-4)")
+    prior_warmup: float = setting(0.05, "share of the updates that warm the lr up (paper: 5k updates)")
+    prior_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak (paper: on plateaus)")
+    weight_decay: float = setting(4.5e-2, "the prior's AdamW weight decay (paper: 4.5e-2)")
+    grad_clip: float = setting(4.0, "gradient norm clip (paper: 4)")
+    bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
+    pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as single objects "
+                                  "(paper: the data as it comes): pairs are what the prior learns last")
+    null_caption: float = setting(0.0, "share of captions left empty, for sample.py --guidance (not in the paper)")
+    # stage 3, CLIP (Sec 2.6)
+    clip_steps: int = setting(350, "updates")
+    clip_batch: int = setting(128, "(caption, image) pairs per update")
+    clip_lr: float = setting(2e-3, "peak lr")
+    clip_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak")
+    clip_weight_decay: float = setting(0.1, "CLIP's AdamW weight decay")
+    clip_warmup: float = setting(0.1, "share of the updates that warm the lr up: without it CLIP can sit at chance")
+    clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
+                                            "each batch), as it will rank decoded samples")
+    clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
+    # the report
+    eval_prompts: int = setting(96, "report prompts per group: one prompt moves a figure by about a point")
+    candidates: int = setting(8, "candidates per report prompt, reranked by CLIP (paper: 512)")
+    curve_prompts: int = setting(16, "prompts per group for the reranking curve, 32 candidates each (Fig. 9c)")
 
 # -----------------------------------------------------------------------------
 # The Shapes world: 64x64, black background, 8 colours, 4 shapes, 2 sizes, positions and relations
@@ -53,10 +115,8 @@ PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 SEEN_PAIRS = [p for p in PAIRS if p not in HELD_OUT]
 SIZE = 64
 MARGIN = 8  # a relation holds between the centres by at least this many pixels
-# DEVIATION (of the toy world, not the paper): centres lie on an 8-pixel lattice and sizes are exact (SHAPES.md
-# allows jitter, it does not ask for it): the 8x8 grid of codes then meets each shape in one alignment, which a
-# dVAE trained for minutes can learn (400-update probes: 12.5% / 30.5% of seen / held-out reconstructions fully
-# right, against 9.8% / 11.7% with a 4-pixel lattice).
+# DEVIATION (of the toy world, not the paper): centres on an 8-pixel lattice, exact sizes (SHAPES.md allows jitter):
+# the 8x8 grid of codes meets each shape in one alignment, which a dVAE trained for minutes can learn (README)
 LATTICE = 8
 
 
@@ -381,6 +441,16 @@ def to_u8(images):
     return (images * 255).round().byte().cpu()  # images in [0, 1] -> uint8 on the CPU, same shape
 
 
+def step_rng(seed, stage, step):
+    """The random stream of one update (its scenes, crop, captions, BPE dropout): the same again on --resume."""
+    return random.Random(f"{stage} {seed} {step}")
+
+
+PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above a red square",  # seen
+                   "a green circle at the top", "a red circle above a blue square",  # a new place, a new pair
+                   "a red triangle", "a blue circle to the left of a white square"]  # held-out colour-shape pairs
+
+
 def eval_prompts(seed, n_each):
     """Fixed prompts for the report: n_each per group of REPORT_GROUPS, in the whole caption grammar."""
     rng = random.Random(seed + 1)
@@ -396,155 +466,199 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 # -----------------------------------------------------------------------------
+# The Shapes world's dVAE recipe: what it adds to the dVAE of Sec 2.1 (README: Deviations). It travels in the
+# checkpoint as plain data (the settings, the blank code), and sample.py applies it to image prompts too.
+
+
+def blank_cells(images):
+    """images (B, 3, H, W) -> (B, h, w) bool: the 8x8 cells whose pixels are all black (below 0.1, so that the faint
+    ringing of a resized image prompt still counts as black)."""
+    B, _, H, W = images.shape
+    return images.reshape(B, 3, H // 8, 8, W // 8, 8).amax(dim=(1, 3, 5)) < 0.1  # (B, h, w)
+
+
+@torch.no_grad()
+def dvae_codes(vae, images, blank_code=-1):
+    """images (B, 3, H, W) -> the codes (B, h, w) the prior learns and is prompted with: the argmax (Sec 2.2), but
+    every all-black cell gets the one blank code (-1: none, the paper's codes)."""
+    # DEVIATION: a blank cell carries nothing, so its argmax is arbitrary, and guessing dozens of codes for one
+    # empty cell took most of the prior's image loss (README: Deviations, the blank code)
+    codes = vae.encode(images)  # (B, h, w)
+    if blank_code >= 0:
+        codes[blank_cells(images)] = blank_code
+    return codes
+
+
+def choose_blank_code(vae, images):
+    """The code the encoder gives most often to the blank cells of images, or -1 if they have none."""
+    blank = blank_cells(images)  # (B, h, w)
+    return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
+
+
+def recon_term(cfg, images, mu, ln_b):
+    """The reconstruction term per subpixel: App. A.3's logit-Laplace NLL, or the squared error of sigmoid(mu)."""
+    x = map_pixels(images)  # (B, 3, H, W)
+    if cfg.dvae_recon == "logit-laplace":
+        return logit_laplace_nll(x, mu, ln_b).mean()
+    # DEVIATION: with the NLL every short run collapsed to a few codes (README: Deviations, the dVAE loss)
+    return ((torch.sigmoid(mu) - x) ** 2).mean()
+
+
+def relaxed_loss(vae, images, tau, beta, cfg, generator):
+    """App. A's loss (vae's forward) with the recipe's reconstruction term -> (loss, stats for the progress line)."""
+    _, parts = vae(images, tau, beta, generator=generator)
+    loss = recon_term(cfg, images, parts["mu"], parts["ln_b"]) + beta * parts["kl_term"]
+    mse = ((torch.sigmoid(parts["mu"]) - map_pixels(images)) ** 2).mean()
+    return loss, {"mse": mse.item(), "kl": parts["kl"].item()}
+
+
+def decoder_loss(vae, images, blank_code, cfg):
+    """The decoder phase: the decoder alone on the argmax codes that the prior learns and will hand it."""
+    # DEVIATION (not in the paper): the decoder learnt from gumbel samples of q, which keeps its entropy under the KL
+    # term, and decodes argmax codes badly until it has seen them (README: Deviations, the decoder phase)
+    codes = dvae_codes(vae, images, blank_code)  # (B, h, w): the encoder is frozen, the codes stay as they are
+    mu, ln_b = vae.decode_soft(F.one_hot(codes, vae.config.image_vocab_size).permute(0, 3, 1, 2).float())
+    loss = recon_term(cfg, images, mu, ln_b)
+    return loss, {"mse": ((torch.sigmoid(mu) - map_pixels(images)) ** 2).mean().item(), "kl": 0.0}
+
+# -----------------------------------------------------------------------------
 # The three stages
 
 
-def train_dvae(model, pool, args, device, state):
-    """Stage 1 (Sec 2.1, App. A.2): gumbel-softmax relaxation, tau 1 -> 1/16, KL weight beta ramped up to --beta;
-    then, for the last sixth of the updates, the decoder alone on the encoder's argmax codes."""
-    vae, steps, K = model.vae, args.dvae_steps, model.config.image_vocab_size
-    relaxed = steps - steps // 6  # updates with the relaxation; the rest train the decoder on argmax codes
-    # DEVIATION: batch 8 (paper: 8 per GPU, 512 in all), lr 1e-3 (paper: 1e-4), beta ramped over a quarter of the
-    # run to 1 (paper: to 6.6 over 5,000 of 3M updates): a toy run has a few thousand updates, not millions, and on a
-    # CPU the number of updates is what buys quality (equal-time probes, 8 / 16 / 32 images a step: 68% / 53% / 25%
-    # of seen reconstructions fully right). No EMA of weights for the same reason.
-    # DEVIATION: the reconstruction term is the squared error of sigmoid(mu), not the logit-Laplace NLL. With the
-    # NLL, every short run we tried (up to 1,600 updates, several inits and learning rates) collapsed to a few
-    # codes: its L1-like pull goes to the median pixel, which is black, so the codes never start to matter.
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.dvae_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+def train_dvae(model, pool, cfg, device, state):
+    """Stage 1 (Sec 2.1, App. A.2): the gumbel-softmax relaxation, tau 1 -> 1/16, the KL weight ramped up to beta;
+    then, for the last decoder_share of the updates, the decoder alone on the encoder's argmax codes."""
+    vae, steps, K = model.vae, cfg.dvae_steps, model.config.image_vocab_size
+    relaxed = steps - round(steps * cfg.decoder_share)  # updates with the relaxation; the rest: the decoder phase
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.dvae_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)  # A.2
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the gumbel noise
     fixed = to_float(pool[1][:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
-    crops, cell = torch.Generator().manual_seed(args.seed), SIZE // model.config.grid_size
+    cell = SIZE // model.config.grid_size
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
-        idx = torch.randint(len(pool[1]), (args.dvae_batch,), generator=torch.Generator().manual_seed(step))
-        images = to_float(pool[1][idx], device).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        if step < relaxed and args.dvae_crop:
-            # DEVIATION: the relaxed updates see a random crop of whole cells (--dvae-crop 32: a quarter of the image
-            # at half the cost; the nets are convolutional), so more updates fit the time (README: Deviations).
-            # The decoder phase sees whole images, as the prior's codes come from whole images.
-            y, x = (cell * torch.randint(0, (SIZE - args.dvae_crop) // cell + 1, (2,), generator=crops)).tolist()
-            images = images[:, :, y:y + args.dvae_crop, x:x + args.dvae_crop]  # (B, 3, crop, crop)
+        rng = step_rng(cfg.seed, "dvae", step)
+        images = to_float(pool[1][rng.sample(range(len(pool[1])), cfg.dvae_batch)], device)  # (B, 3, H, W)
+        images = images.contiguous(memory_format=torch.channels_last)
         if step < relaxed:
-            lr = cosine_lr(step, relaxed, args.dvae_lr, args.dvae_lr / 80)  # App. A.2: 1e-4 -> 1.25e-6
-            tau, beta = gumbel_temperature(step, relaxed), kl_weight(step, relaxed // 4, args.beta)
-            _, loss, stats = vae(images, tau, beta, generator=gen, recon_loss="mse")
+            if cfg.dvae_crop:  # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
+                y, x = (cell * rng.randrange((SIZE - cfg.dvae_crop) // cell + 1) for _ in range(2))
+                images = images[:, :, y:y + cfg.dvae_crop, x:x + cfg.dvae_crop]  # (B, 3, crop, crop)
+            lr = cosine_lr(step, relaxed, cfg.dvae_lr, cfg.dvae_lr * cfg.dvae_lr_end)
+            tau, beta = gumbel_temperature(step, relaxed), kl_weight(step, relaxed * cfg.beta_ramp, cfg.beta)
+            loss, stats = relaxed_loss(vae, images, tau, beta, cfg, gen)
             knobs = f"tau {tau:.3f} beta {beta:.2f}"
         else:
-            # DEVIATION (not in the paper): the decoder alone, on the argmax codes that the prior is trained on and
-            # will hand it. It learnt from gumbel samples of q, and q keeps its entropy under the KL term (on object
-            # cells the argmax has about a third of q's mass), so it decoded argmax codes badly. The encoder is frozen
-            # here, the codes do not change. Default run: seen reconstructions fully right 65% -> 77%; CLIP's best of
-            # 8 right on 144 seen prompts 67% -> 81%. Probes: lr 1e-4, or a cosine from 3e-4 or 1e-3, did worse; the
-            # paper's own cure, tau held at 1/16 after 5% of the updates, left 18% of reconstructions right this short.
-            lr, knobs = 0.3 * args.dvae_lr, "decoder on argmax codes"
-            if vae.blank_code < 0:  # once: blank cells get the code the encoder gives them most (dalle.py)
-                blank = vae.blank_cells(fixed)  # (64, h, w)
-                if blank.any():
-                    with torch.no_grad():
-                        vae.blank_code.fill_(vae.logits(fixed).argmax(1)[blank].mode().values)
-            with torch.no_grad():
-                one_hot = F.one_hot(vae.encode(images), K).permute(0, 3, 1, 2).float()  # (B, K, h, w)
-            mu, _ = vae.decode_soft(one_hot)  # (B, 3, H, W)
-            loss = ((torch.sigmoid(mu) - map_pixels(images)) ** 2).mean()
-            stats = {"mse": loss.item(), "kl": 0.0}
+            if state.get("blank_code") is None:  # once, as the phase begins: the encoder is frozen from here on
+                state["blank_code"] = choose_blank_code(vae, fixed)
+            lr, knobs = cfg.decoder_lr, "decoder on argmax codes"
+            loss, stats = decoder_loss(vae, images, state["blank_code"], cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         check_finite(loss, "dvae", step)
         opt.zero_grad(set_to_none=True)  # in the decoder phase the encoder has no gradients: AdamW leaves it be
         loss.backward()
         opt.step()
-        if step % args.log_every == 0 or step == steps - 1 or step == relaxed:
+        state["history"]["dvae"].append([step, loss.item(), stats["mse"]])
+        if step % cfg.log_every == 0 or step == steps - 1 or step == relaxed:
             with torch.no_grad():
-                used = vae.logits(fixed).argmax(1).unique().numel()
-            rate = (step + 1 - start) * args.dvae_batch / (time.time() - t0)
+                used = vae.encode(fixed).unique().numel()
+            rate = (step + 1 - start) * cfg.dvae_batch / (time.time() - t0)
             log("dvae", step, steps, f"loss {loss.item():7.4f} mse {stats['mse']:.4f} kl {stats['kl']:5.2f}",
-                f"{knobs} | codes {used:3d}/{K}", f"{rate:6.0f} img/s", (steps - step - 1) * args.dvae_batch / rate)
+                f"{knobs} | codes {used:3d}/{K}", f"{rate:6.0f} img/s", (steps - step - 1) * cfg.dvae_batch / rate)
         state.update(step=step + 1, opt=opt.state_dict())
+    if state.get("blank_code") is None:  # a run with no decoder phase
+        state["blank_code"] = choose_blank_code(vae, fixed)
     state.update(stage="prior", step=0, opt=None)
 
 
-def train_prior(model, pool, codes, args, device, state, prompts):
-    """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout 0.1, AdamW (0.9, 0.96)."""
-    prior, steps = model.transformer, args.prior_steps
-    opt = torch.optim.AdamW(prior.parameters(), lr=args.prior_lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2)
+def train_prior(model, pool, codes, cfg, device, state, out_dir):
+    """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout, AdamW (0.9, 0.96)."""
+    prior, steps = model.transformer, cfg.prior_steps
+    opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.96), eps=1e-8,  # App. B.2
+                            weight_decay=cfg.weight_decay)
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
     scenes = pool[0]
-    # DEVIATION: two-object scenes are drawn --pair-weight times as often as single objects (the pool has about
-    # as many of each): a pair is the harder thing to learn, and singles come out right long before pairs do
-    draws = [i for i, (_, relation) in enumerate(scenes) for _ in range(args.pair_weight if relation else 1)]
+    # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
+    draws = [i for i, (_, relation) in enumerate(scenes) for _ in range(cfg.pair_weight if relation else 1)]
+    warmup = max(1, round(steps * cfg.prior_warmup))
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
-        # DEVIATION: warm-up over 5% of the run, then cosine decay (paper: 5,000 updates, then plateau decay);
-        # batch 32, lr 2e-3 (paper: 1024, 4.5e-4): a CPU affords a thousand updates, not hundreds of thousands.
-        # Same dVAE, same time (a random candidate of 8 right on seen prompts): 1,120 x 32 at lr 2e-3 22%, at
-        # 1e-3 16% (1-thread probes; 2,240 x 16 at 2e-3 reached 29%, but on 2 threads batch 16 runs at 2/3 the speed)
-        lr = args.prior_lr * min(1, (step + 1) / max(1, steps // 20)) * cosine_lr(step, steps, 1, 0.05)
+        # DEVIATION: warm-up, then a cosine (paper: 5,000 updates of warm-up, then decay on plateaus)
+        lr = cfg.prior_lr * min(1, (step + 1) / warmup) * cosine_lr(step, steps, 1, cfg.prior_lr_end)
         for g in opt.param_groups:
             g["lr"] = lr
-        rng = random.Random(args.seed * 1000003 + step)
-        idx = rng.sample(draws, args.prior_batch)
-        # DEVIATION: for classifier-free guidance (not in the paper), some captions are left empty (all pads)
-        captions = ["" if rng.random() < args.null_caption else caption(*scenes[i], rng) for i in idx]
-        text = model.tokenize(captions, dropout=0.1, rng=rng)  # Sec 2.2 fn. 5
+        rng = step_rng(cfg.seed, "prior", step)
+        idx = rng.sample(draws, cfg.prior_batch)
+        # DEVIATION: for classifier-free guidance (not in the paper), a share of the captions is left empty (all pads)
+        captions = ["" if rng.random() < cfg.null_caption else caption(*scenes[i], rng) for i in idx]
+        text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
         _, losses = prior(text, codes[idx].to(device))
         check_finite(losses["loss"], "prior", step)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 4.0)  # App. B.2
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)  # App. B.2
         opt.step()
-        if step % args.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * args.prior_batch * prior.config.block_size / (time.time() - t0)
+        state["history"]["prior"].append([step, losses["text"].item(), losses["image"].item()])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            rate = (step + 1 - start) * cfg.prior_batch * prior.config.block_size / (time.time() - t0)
             log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
                 f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
-                (steps - step - 1) * args.prior_batch * prior.config.block_size / rate)
-        if args.sample_every and step and step % args.sample_every == 0:
-            write_samples(model, prompts, os.path.join(args.out_dir, f"samples_{step:05d}.png"))
+                (steps - step - 1) * cfg.prior_batch * prior.config.block_size / rate)
+        if cfg.sample_every and step and step % cfg.sample_every == 0:
+            write_samples(model, PICTURE_PROMPTS, os.path.join(out_dir, f"samples_{step:05d}.png"))
         state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="clip", step=0, opt=None)
 
 
-def train_clip(model, pool, codes, args, device, state):
+def clip_batch(pool, recon_u8, cfg, rng):
+    """One CLIP batch -> (scenes, uint8 images (B', 3, H, W)): half dVAE reconstructions, half renders, all distinct
+    scenes, and with clip_swaps each two-object scene's swapped twin."""
+    scenes, images_u8 = pool
+    n_rec, half = len(recon_u8), cfg.clip_batch // 2
+    idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), cfg.clip_batch - half)
+    batch = [scenes[i] for i in idx]
+    images = torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]])  # (B, 3, H, W) uint8
+    if cfg.clip_swaps:
+        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
+        # only in binding or relation meet in one batch (README: Deviations)
+        twins = [t for t in (swapped(*s, rng) for s in batch if s[1] is not None) if t is not None]
+        if twins:
+            batch += twins
+            twins_u8 = torch.from_numpy(np.stack([render(o) for o, _ in twins])).permute(0, 3, 1, 2)
+            images = torch.cat([images, twins_u8])  # (B + twins, 3, H, W)
+    return batch, images
+
+
+def train_clip(model, pool, codes, cfg, device, state):
     """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
-    clip, steps, h = model.clip, args.clip_steps, model.config.grid_size
-    opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.1)
+    clip, steps, h = model.clip, cfg.clip_steps, model.config.grid_size
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=cfg.clip_weight_decay)
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
-    scenes, images_u8 = pool
-    # CLIP will rank decoded samples, so half of each batch is the dVAE's reconstructions: those of the first
-    # quarter of the pool, decoded once from their codes (decoding at every step costs more than CLIP itself)
-    n_rec, half = len(scenes) // 4, args.clip_batch // 2
+    # CLIP will rank decoded samples, so it sees the dVAE's reconstructions of part of the pool, decoded once
+    n_rec = round(len(pool[0]) * cfg.clip_recon_share)
     recon_u8 = to_u8(model.vae.decode(codes[:n_rec].view(-1, h, h).to(device)))  # (n_rec, 3, H, W)
+    warmup = max(1, round(steps * cfg.clip_warmup))
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         for g in opt.param_groups:
-            g["lr"] = min(1, (step + 1) / max(1, steps // 10)) * cosine_lr(step, steps, args.clip_lr, args.clip_lr / 20)
-        rng = random.Random(args.seed * 1000033 + step)
-        # distinct scenes: reconstructions from the first quarter, renders from the rest
-        idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), args.clip_batch - half)
-        batch = [scenes[i] for i in idx]
-        images = torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]])  # (B, 3, H, W) uint8
-        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: each two-object scene
-        # brings its swapped twin, so captions that differ only in binding or relation meet in one batch
-        if args.clip_swaps:
-            twins = [swapped(*s, rng) for s in batch if s[1] is not None]
-            twins = [t for t in twins if t is not None]
-            batch += twins
-            images = torch.cat([images, torch.from_numpy(np.stack([render(o) for o, _ in twins])).permute(0, 3, 1, 2)])
-        text = model.tokenize([caption(*s, rng) for s in batch])
-        images = to_float(images, device)  # (B + twins, 3, H, W)
-        loss = clip(text, images)
+            g["lr"] = min(1, (step + 1) / warmup) * cosine_lr(step, steps, cfg.clip_lr, cfg.clip_lr * cfg.clip_lr_end)
+        rng = step_rng(cfg.seed, "clip", step)
+        batch, images = clip_batch(pool, recon_u8, cfg, rng)
+        text = model.tokenize([caption(*s, rng) for s in batch])  # (B', T_txt)
+        loss = clip(text, to_float(images, device))
         check_finite(loss, "clip", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % args.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * args.clip_batch / (time.time() - t0)
+        state["history"]["clip"].append([step, loss.item()])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            rate = (step + 1 - start) * cfg.clip_batch / (time.time() - t0)
             log("clip", step, steps, f"loss {loss.item():6.3f}", f"temp {1 / clip.logit_scale.exp().item():.4f}",
-                f"{rate:6.0f} img/s", (steps - step - 1) * args.clip_batch / rate)
+                f"{rate:6.0f} img/s", (steps - step - 1) * cfg.clip_batch / rate)
         state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="done", step=0, opt=None)
 
@@ -570,14 +684,24 @@ def write_samples(model, prompts, path, n=8, keep=4):
     image_grid(images).save(path)
     model.train()
 
+
+@torch.no_grad()
+def write_recon(model, pool, device, blank_code, path, n=8):
+    model.eval()
+    images = to_float(pool[1][:n], device)
+    recon = model.vae.decode(dvae_codes(model.vae, images, blank_code))
+    image_grid(torch.stack([images, recon])).save(path)  # row 1 originals, row 2 reconstructions
+    model.train()
+
 # -----------------------------------------------------------------------------
-# The report
+# The report: what the samples show, read back by the checker, and the pictures of the README
 
 
 @torch.no_grad()
-def encode_pool(model, images_u8, device, batch=32):  # on 2 CPU threads, batches of 32 run ~2x faster than 512
-    return torch.cat([model.vae.encode(to_float(images_u8[i:i + batch], device).contiguous(
-        memory_format=torch.channels_last)).flatten(1).cpu() for i in range(0, len(images_u8), batch)])  # (n, T_img)
+def encode_pool(model, images_u8, device, blank_code, batch=32):  # on 2 CPU threads, 32 runs ~2x faster than 512
+    return torch.cat([dvae_codes(model.vae, to_float(images_u8[i:i + batch], device).contiguous(
+        memory_format=torch.channels_last), blank_code).flatten(1).cpu()
+        for i in range(0, len(images_u8), batch)])  # (n, T_img)
 
 
 def checker_right(scenes, images_u8):
@@ -594,41 +718,53 @@ def by_size(scenes, right):
 
 
 @torch.no_grad()
-def report(model, args, device, codes_pool):
-    model.eval()
-    c, lines = model.config, []
-    rng = random.Random(args.seed + 7)
-    scenes = {g: [report_scene(rng, g)[:2] for _ in range(128)] for g in REPORT_GROUPS}  # for the dVAE and checker
+def report_dvae(model, cfg, device, blank_code, codes_pool, n=128):
+    """The dVAE's reconstructions of n scenes per report group, read back by the checker -> (lines, picture rows)."""
+    c, lines, rows = model.config, [], []
+    rng = random.Random(cfg.seed + 7)
+    scenes = {g: [report_scene(rng, g)[:2] for _ in range(n)] for g in REPORT_GROUPS}
     all_scenes = sum(scenes.values(), [])
     images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in all_scenes])).permute(0, 3, 1, 2)
-    images = to_float(images_u8, device)
-    codes = model.vae.encode(images)  # (n, h, w)
-    recon = model.vae.decode(codes)  # (n, 3, H, W)
-    recon_u8 = to_u8(recon)
-    used = codes_pool.unique().numel()
+    images = to_float(images_u8, device)  # (6n, 3, H, W)
+    codes = dvae_codes(model.vae, images, blank_code)  # (6n, h, w)
+    recon = model.vae.decode(codes)  # (6n, 3, H, W)
+    recon_u8, used = to_u8(recon), codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
                  f"codebook usage {used}/{c.image_vocab_size} = {used / c.image_vocab_size:.0%} of K "
-                 f"(blank cells all get code {model.vae.blank_code.item()})")
+                 f"(blank cells all get code {blank_code})")
     right = {"clean": checker_right(all_scenes, images_u8), "recon": checker_right(all_scenes, recon_u8)}
     lines.append(f"checker on {len(all_scenes)} clean renders: {np.mean(right['clean']):.1%} right; on their dVAE "
-                 f"reconstructions (128 scenes a group):")
+                 f"reconstructions ({n} scenes a group):")
     for i, (group, group_scenes) in enumerate(scenes.items()):
-        ok = right["recon"][128 * i:128 * (i + 1)]
+        ok = right["recon"][n * i:n * (i + 1)]
         sizes = f" ({by_size(group_scenes, ok)})" if group_scenes[0][1] is None else ""
         lines.append(f"  {group:<18} {np.mean(ok):5.1%}{sizes}")
+        pairs = torch.stack([images[n * i:n * i + 5], recon[n * i:n * i + 5]], 1).flatten(0, 1)  # (10, 3, H, W)
+        rows.append((group, pairs, [x for k in range(5) for x in ("render", "dVAE " + ("right" if ok[k] else "wrong"))]))
     seen = [i for i, g in enumerate(REPORT_GROUPS) if g.startswith("seen")]  # the scenes the prior learnt from
     text = model.tokenize([caption(o, r, rng) for i in seen for o, r in scenes[REPORT_GROUPS[i]]])
-    _, losses = model.transformer(text, torch.cat([codes[128 * i:128 * (i + 1)] for i in seen]).flatten(1))
+    _, losses = model.transformer(text, torch.cat([codes[n * i:n * (i + 1)] for i in seen]).flatten(1))
     lines.append(f"transformer loss on seen scenes: {losses['text'].item():.3f} nats per text token (pads included), "
                  f"{losses['image'].item():.3f} nats per image token (ln K = {math.log(c.image_vocab_size):.2f})")
-    lines.append("samples (8 a prompt): right = every object and attribute the caption names, nothing else; random = "
-                 "mean of the 8, best = CLIP's pick, any = a right one among the 8")
-    results = {}
-    for group, prompts in eval_prompts(args.seed, args.eval_prompts).items():
-        images, scores = model.generate(prompts, n=8, keep=8, seed=args.seed)  # (P, 8, 3, H, W), best first
-        u8 = to_u8(images).permute(0, 1, 3, 4, 2).numpy()  # (P, 8, H, W, 3)
-        verdicts = [[judge(parse(prompt), u8[p, j]) for j in range(8)] for p, prompt in enumerate(prompts)]
-        r = {k: np.array([[v[k] for v in row] for row in verdicts]) for k in verdicts[0][0]}  # (P, 8) each
+    return lines, rows
+
+
+def judge_all(prompts, images):
+    """prompts (P,), images (P, N, 3, H, W) -> {'colour', 'shape', 'all'}: bool arrays (P, N), the checker's."""
+    u8 = to_u8(images).permute(0, 1, 3, 4, 2).numpy()  # (P, N, H, W, 3)
+    verdicts = [[judge(parse(prompt), u8[p, j]) for j in range(u8.shape[1])] for p, prompt in enumerate(prompts)]
+    return {k: np.array([[v[k] for v in row] for row in verdicts]) for k in verdicts[0][0]}
+
+
+@torch.no_grad()
+def report_samples(model, cfg):
+    """Each group's prompts, N candidates each, reranked by CLIP and read by the checker -> (lines, results, rows)."""
+    N, lines, results, rows = cfg.candidates, [], {}, []
+    lines.append(f"samples ({N} a prompt): right = every object and attribute the caption names, nothing else; "
+                 f"random = mean of the {N}, best = CLIP's pick, any = a right one among the {N}")
+    for group, prompts in eval_prompts(cfg.seed, cfg.eval_prompts).items():
+        images, scores = model.generate(prompts, n=N, keep=N, seed=cfg.seed)  # (P, N, 3, H, W), best first
+        r = judge_all(prompts, images)  # (P, N) each
         results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
         a = results[group]["all"]
         line = (f"  {group:<18} ({len(prompts)} prompts) random {a[0]:5.1%} | best {a[1]:5.1%} | any {a[2]:5.1%} || "
@@ -637,7 +773,33 @@ def report(model, args, device, codes_pool):
         if not parse(prompts[0])["relation"] and large.any():
             line += f" | asked large {r['all'][large, 0].mean():5.1%}"
         lines.append(line)
-    return lines, results
+        rows.append((f"{group}: \"{prompts[0]}\"", images[0],
+                     [f"{s:.3f} {'right' if ok else 'wrong'}" for s, ok in zip(scores[0].tolist(), r["all"][0])]))
+    return lines, results, rows
+
+
+def best_of(right, n):
+    """right (P, M) bools in CLIP's order, best first -> the expected share right of CLIP's pick among n of the M
+    drawn at random: the candidate at rank r (0-based) is the pick when it and n - 1 of the M - 1 - r below it are
+    drawn, in comb(M - 1 - r, n - 1) of the comb(M, n) draws (n = 1: a random candidate; n = M: CLIP's best)."""
+    M = right.shape[1]
+    weights = np.array([math.comb(M - 1 - r, n - 1) for r in range(M)]) / math.comb(M, n)  # (M,), sums to 1
+    return float((right * weights).sum(1).mean())
+
+
+@torch.no_grad()
+def rerank_curve(model, cfg, ns=(1, 2, 4, 8, 16, 32)):
+    """The toy counterpart of Fig. 9c: the share of CLIP's picks that are right against the number of candidates,
+    from max(ns) candidates for each of the first curve_prompts prompts of each group -> (lines, {group: [%]})."""
+    curve = {}
+    for group, prompts in eval_prompts(cfg.seed, cfg.eval_prompts).items():
+        images, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1)
+        right = judge_all(prompts[:cfg.curve_prompts], images)["all"]  # (P, max(ns)), best first
+        curve[group] = [100 * best_of(right, n) for n in ns]
+    lines = [f"reranking (Fig. 9c): % of CLIP's picks right, best of N candidates ({len(images)} prompts a group, "
+             f"{max(ns)} drawn for each)", f"  {'N':<18}" + "".join(f"{n:7d}" for n in ns)]
+    lines += [f"  {group:<18}" + "".join(f"{v:7.1f}" for v in values) for group, values in curve.items()]
+    return lines, curve, ns
 
 
 def cell_patches(images_u8, cell):
@@ -648,7 +810,7 @@ def cell_patches(images_u8, cell):
 
 
 @torch.no_grad()
-def patch_limit(model, pool, device, path):
+def patch_limit(model, pool, device, blank_code, path):
     """Why held-out colour-shape pairs fail (README): how many of a held-out object's cells show pixels that no
     training image shows (with the code grid's cells, and with cells half as wide), and a picture: each held-out
     kind small and large, its unseen cells outlined, beside its dVAE reconstruction."""
@@ -666,14 +828,86 @@ def patch_limit(model, pool, device, path):
         box = outlined[n, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]  # (3, cell, cell), a view
         box[:, [0, -1], :] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
         box[:, :, [0, -1]] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
-    recon = model.vae.decode(model.vae.encode(to_float(renders, device)))  # (16, 3, H, W)
+    recon = model.vae.decode(dvae_codes(model.vae, to_float(renders, device), blank_code))  # (16, 3, H, W)
     pairs = torch.stack([outlined, recon], 1).reshape(2, 8 * 2, *recon.shape[1:])  # (2 sizes, 8 kinds x 2, 3, H, W)
     grid = image_grid(pairs)
     grid.resize((2 * grid.width, 2 * grid.height), Image.NEAREST).save(path)  # twice the size, to see the cells
     return lines
 
+# -----------------------------------------------------------------------------
+# Pictures with words: sample rows with their CLIP scores, and line charts (no plotting library needed)
+
+
+def labelled_rows(rows, scale=2, gap=4, line=12):
+    """rows: [(title, images (N, 3, H, W) in [0, 1], a label per image)] -> one PIL image, each row's title above
+    its pictures (scale times their size) and each label below its picture."""
+    H, W = rows[0][1].shape[2] * scale, rows[0][1].shape[3] * scale
+    width = gap + max(len(images) for _, images, _ in rows) * (W + gap)
+    img = Image.new("RGB", (width, len(rows) * (line + H + line + gap) + gap), (40, 40, 40))
+    draw, y = ImageDraw.Draw(img), gap
+    for title, images, labels in rows:
+        draw.text((gap, y), title, fill=(255, 255, 255))
+        for i, (picture, label) in enumerate(zip(images, labels)):
+            x = gap + i * (W + gap)
+            tile = Image.fromarray(to_u8(picture).permute(1, 2, 0).numpy()).resize((W, H), Image.NEAREST)
+            img.paste(tile, (x, y + line))
+            draw.text((x, y + line + H + 1), label, fill=(120, 230, 120) if "right" in label else (230, 230, 230))
+        y += line + H + line + gap
+    return img
+
+
+def plot(panels, path, size=(300, 200), pad=(44, 22, 12, 30)):
+    """panels: [(title, {name: (xs, ys)}, log_x, log_y)] -> one PNG of line charts side by side."""
+    colours = [(90, 160, 255), (255, 140, 60), (120, 220, 120), (230, 90, 200), (240, 220, 70), (200, 200, 200)]
+    left, top, right, bottom = pad
+    img = Image.new("RGB", (len(panels) * (size[0] + left + right), size[1] + top + bottom), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for p, (title, series, log_x, log_y) in enumerate(panels):
+        ox = p * (size[0] + left + right) + left
+        fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
+        fy = (lambda v: math.log10(max(v, 1e-6))) if log_y else (lambda v: v)  # noqa: E731
+        xs = [fx(x) for xs, _ in series.values() for x in xs]
+        ys = [fy(y) for _, ys in series.values() for y in ys]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys) + 1e-9
+        to_px = lambda x, y: (ox + (fx(x) - x0) / (x1 - x0 + 1e-9) * size[0],  # noqa: E731
+                              top + (1 - (fy(y) - y0) / (y1 - y0)) * size[1])
+        draw.rectangle([ox, top, ox + size[0], top + size[1]], outline=(0, 0, 0))
+        draw.text((ox, 4), title, fill=(0, 0, 0))
+        for v, label in ((y0, "lo"), (y1, "hi")):  # the axis ends, in the data's units
+            value = 10 ** v if log_y else v
+            draw.text((ox - left + 2, top + (1 - (v - y0) / (y1 - y0)) * size[1] - 6), f"{value:.3g}", fill=(0, 0, 0))
+        draw.text((ox, top + size[1] + 4), f"{10 ** x0 if log_x else x0:.3g}", fill=(0, 0, 0))
+        draw.text((ox + size[0] - 30, top + size[1] + 4), f"{10 ** x1 if log_x else x1:.3g}", fill=(0, 0, 0))
+        for i, (name, (sx, sy)) in enumerate(series.items()):
+            colour = colours[i % len(colours)]
+            draw.line([to_px(x, y) for x, y in zip(sx, sy)], fill=colour, width=2)
+            draw.text((ox + 6, top + 4 + 11 * i), name, fill=colour)
+    img.save(path)
+
+
+def smooth(values, k=25):
+    """A running mean over k updates: the per-update losses are noisy."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - k] if i >= k else 0)
+        out.append(total / min(i + 1, k))
+    return out
+
+
+def draw_losses(history, path):
+    """The default run's loss curves, one panel per stage, from the per-update losses in the checkpoint."""
+    panels = []
+    for stage, names in (("dvae", ("loss", "mse")), ("prior", ("text", "image")), ("clip", ("loss",))):
+        rows = history.get(stage) or []
+        if rows:
+            steps = [r[0] + 1 for r in rows]
+            series = {name: (steps, smooth([r[i + 1] for r in rows])) for i, name in enumerate(names)}
+            panels.append((f"{stage}: loss per update (mean of 25), log scale", series, False, True))
+    if panels:
+        plot(panels, path)
 
 # -----------------------------------------------------------------------------
+# Speed, flags, and main: the three stages in order, then the report
 
 
 def benchmark(device):
@@ -711,89 +945,99 @@ def benchmark(device):
 
 
 def parse_args(argv=None):
+    """The flags: one per TrainConfig field (--dvae-steps for dvae_steps), and what a run needs besides
+    -> (TrainConfig, the other arguments)."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default="out", help="where the checkpoint, pictures and report go (default out)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt")
-    p.add_argument("--dvae-steps", type=int, default=3000,
-                   help="stage 1 updates (the last sixth train the decoder alone on argmax codes)")
-    p.add_argument("--prior-steps", type=int, default=1120, help="stage 2 updates")
-    p.add_argument("--clip-steps", type=int, default=350, help="stage 3 updates")
-    p.add_argument("--pool", type=int, default=8000, help="scenes rendered for training")
-    p.add_argument("--eval-prompts", type=int, default=96, help="report prompts per group")
-    p.add_argument("--sample-every", type=int, default=200, help="prior steps between sample grids (0: never)")
-    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt (Ctrl-C saves one)")
+    p.add_argument("--dvae-from", default=None, metavar="CKPT",
+                   help="keep the dVAE (and tokenizer) of this checkpoint; train the prior and CLIP afresh")
     p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
-    # what a student need not touch, but a tiny test run does
-    p.add_argument("--dvae-batch", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--prior-batch", type=int, default=32, help=argparse.SUPPRESS)
-    p.add_argument("--clip-batch", type=int, default=128, help=argparse.SUPPRESS)
-    p.add_argument("--dvae-lr", type=float, default=1e-3, help=argparse.SUPPRESS)
-    p.add_argument("--prior-lr", type=float, default=2e-3, help=argparse.SUPPRESS)
-    p.add_argument("--clip-lr", type=float, default=2e-3, help=argparse.SUPPRESS)
-    p.add_argument("--beta", type=float, default=1.0, help=argparse.SUPPRESS)
-    p.add_argument("--logit-scale", type=float, default=3.0, help=argparse.SUPPRESS)
-    p.add_argument("--null-caption", type=float, default=0.0,
-                   help="share of the prior's captions left empty, so that sample.py --guidance works (default 0)")
-    p.add_argument("--pair-weight", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("--dvae-crop", type=int, default=32, help=argparse.SUPPRESS)  # 0: whole images
-    p.add_argument("--clip-swaps", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--config", default="", help=argparse.SUPPRESS)  # e.g. n_layer=2,n_embd=64 for tests
+    p.add_argument("--config", default="", help="DALLEConfig fields, e.g. n_layer=2,n_embd=64 (default: its own)")
+    for f in fields(TrainConfig):
+        flag, default, meta = "--" + f.name.replace("_", "-"), f.default, f.metadata
+        shown = f"{default:g}" if isinstance(default, float) else default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default, choices=meta["choices"],
+                           help=f"{meta['help']} (default {shown})")
     args = p.parse_args(argv)
-    for name in ("dvae_steps", "prior_steps", "clip_steps", "pool", "eval_prompts", "log_every"):
-        if getattr(args, name) < (1 if name in ("pool", "log_every", "eval_prompts") else 0):
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            p.error(f"--{f.name.replace('_', '-')} must not be negative, got {value}")
+    for name in ("pool", "log_every", "eval_prompts", "candidates", "dvae_batch", "prior_batch", "clip_batch"):
+        if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.dvae_crop % 8 or not 0 <= args.dvae_crop <= SIZE:
-        p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), got {args.dvae_crop}")
-    if not 0 <= args.null_caption < 1 or args.pair_weight < 1:
-        p.error(f"need 0 <= --null-caption < 1 and --pair-weight >= 1, got {args.null_caption}, {args.pair_weight}")
-    if args.pool < 4 * max(args.dvae_batch, args.prior_batch, args.clip_batch):
+    if cfg.dvae_crop % 8 or cfg.dvae_crop > SIZE:
+        p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), got {cfg.dvae_crop}")
+    if cfg.null_caption >= 1 or cfg.pair_weight < 1 or cfg.decoder_share >= 1:
+        p.error("need --null-caption and --decoder-share below 1, and --pair-weight at least 1")
+    if cfg.pool < 4 * max(cfg.dvae_batch, cfg.prior_batch, cfg.clip_batch):
         p.error("--pool must hold at least 4 batches of scenes")
-    return args
+    return cfg, args
 
 
-def build_model(args, pool):
-    overrides = dict(kv.split("=") for kv in args.config.split(",") if kv)
+def build_model(cfg, pool, config_overrides=""):
+    overrides = dict(kv.split("=") for kv in config_overrides.split(",") if kv)
     config = DALLEConfig(**{k: int(v) for k, v in overrides.items()})
     tokenizer = BPETokenizer()
-    rng = random.Random(args.seed)
+    rng = random.Random(cfg.seed)
     corpus = "\n".join(caption(*pool[0][i], rng) for i in range(min(len(pool[0]), 5000)))
     tokenizer.train(corpus, config.text_vocab_size)
     model = DALLE(config, tokenizer)
-    # DEVIATION: two init scales on top of openai's init (the paper does not give one for training).
-    # openai's init gives logits of about 0.1 against gumbel noise of std 1.3: codes would carry almost nothing
-    # through the relaxation at first, and a toy run has no time to wait for them to grow
-    # likewise the codebook conv: a one-hot input gives it outputs of about 1/sqrt(K), so codes look all alike
+    # DEVIATION: two init scales on top of openai's init (the paper gives none for training): the encoder's logits
+    # must beat the gumbel noise, and the codebook's outputs must tell one-hot codes apart, from the start
     with torch.no_grad():
-        model.vae.encoder.output.conv.weight.mul_(args.logit_scale)
-        model.vae.decoder.input.weight.mul_(5.0)
+        model.vae.encoder.output.conv.weight.mul_(cfg.logit_scale)
+        model.vae.decoder.input.weight.mul_(cfg.codebook_scale)
     return model
 
 
+def load_or_exit(path, device, why):
+    try:
+        return DALLE.load(path, device)
+    except CheckpointError as e:
+        sys.exit(f"error: {why}: {e}")
+
+
+def start(cfg, args, pool, device):
+    """-> (model, state): a new model, the checkpoint to --resume, or a checkpoint's dVAE for --dvae-from."""
+    history = {"dvae": [], "prior": [], "clip": []}  # per-update losses, for the loss curves
+    if args.resume:
+        path = os.path.join(args.out_dir, "dalle.pt")
+        model, ckpt = load_or_exit(path, device, "cannot resume")
+        print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
+        return model, {"stage": ckpt["stage"], "step": ckpt["step"], "opt": ckpt.get("opt"),
+                       "blank_code": ckpt.get("blank_code"), "history": ckpt.get("history") or history}
+    if args.dvae_from:
+        model, ckpt = load_or_exit(args.dvae_from, device, "cannot take the dVAE")
+        if ckpt.get("stage") == "dvae":
+            sys.exit(f"error: the dVAE of {args.dvae_from} is not trained yet: finish it with --resume")
+        model.transformer, model.clip = Transformer(model.config).to(device), CLIP(model.config).to(device)
+        history["dvae"] = (ckpt.get("history") or history)["dvae"]
+        print(f"the dVAE and tokenizer of {args.dvae_from}; the prior and CLIP start afresh")
+        return model, {"stage": "prior", "step": 0, "blank_code": ckpt["blank_code"], "history": history}
+    return build_model(cfg, pool, args.config).to(device), {"stage": "dvae", "step": 0, "history": history}
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    cfg, args = parse_args(argv)
     try:
         device = pick_device(args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.benchmark:
         return benchmark(device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.seed)
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "dalle.pt")
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
     t_start = time.time()
-    pool = make_pool(args.pool, args.seed)
-    state = {"stage": "dvae", "step": 0}
-    if args.resume:
-        try:
-            model, ckpt = DALLE.load(ckpt_path, device)
-        except CheckpointError as e:
-            sys.exit(f"error: cannot resume: {e}")
-        state = {"stage": ckpt["stage"], "step": ckpt["step"], "opt": ckpt.get("opt")}
-        print(f"resuming {ckpt_path} at stage {state['stage']}, step {state['step']}")
-    else:
-        model = build_model(args, pool).to(device)
+    pool = make_pool(cfg.pool, cfg.seed)
+    model, state = start(cfg, args, pool, device)
     model.train()
     model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
     c = model.config
@@ -802,50 +1046,53 @@ def main(argv=None):
           f"{sum(p.numel() for p in model.clip.parameters()) / 1e6:.2f}M params | {c.image_size}px -> "
           f"{c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} tokens "
           f"(BPE vocab {len(model.tokenizer.vocab)})")
-    prompts = ["a large yellow square on the left", "a green triangle above a red square",  # seen
-               "a green circle at the top", "a red circle above a blue square",  # a new place, a new pair
-               "a red triangle", "a blue circle to the left of a white square"]  # held-out colour-shape pairs
 
-    def save():
-        model.save(ckpt_path, step=state["step"], stage=state["stage"], opt=state.get("opt"),
-                   null_caption=args.null_caption)
+    def save():  # the recipe travels with the weights as plain data: the settings, the blank code, the losses
+        model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"), train=asdict(cfg),
+                   blank_code=state.get("blank_code"), history=state["history"])
     try:
-        if state["stage"] == "dvae":
-            train_dvae(model, pool, args, device, state)
+        if state["stage"] == "dvae":  # 1. the dVAE on pixels
+            train_dvae(model, pool, cfg, device, state)
             save()
-            write_recon(model, pool, device, os.path.join(args.out_dir, "dvae_recon.png"))
-        codes = encode_pool(model, pool[1], device)  # (n, T_img): the frozen dVAE's argmax codes
-        if state["stage"] == "prior":
-            train_prior(model, pool, codes, args, device, state, prompts)
+            write_recon(model, pool, device, state["blank_code"], out("dvae_recon.png"))
+        codes = encode_pool(model, pool[1], device, state["blank_code"])  # (n, T_img): the frozen dVAE's codes
+        if state["stage"] == "prior":  # 2. the prior on [caption | codes]
+            train_prior(model, pool, codes, cfg, device, state, args.out_dir)
             save()
-        if state["stage"] == "clip":
-            train_clip(model, pool, codes, args, device, state)
+        if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
+            train_clip(model, pool, codes, cfg, device, state)
             save()
     except KeyboardInterrupt:
         save()
-        print(f"\ninterrupted: saved {ckpt_path} at stage {state['stage']}, step {state['step']}; "
+        print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
               f"continue with: python train.py --resume")
         sys.exit(130)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}")
-    write_samples(model, prompts, os.path.join(args.out_dir, "final.png"))
-    lines, _ = report(model, args, device, codes)
-    lines += patch_limit(model, pool, device, os.path.join(args.out_dir, "held_out_patches.png"))
+    print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
+    write_report(model, cfg, pool, codes, device, state, out, t_start)
+
+
+def write_report(model, cfg, pool, codes, device, state, out, t_start):
+    """The report (report.txt) and its pictures, all into the output folder."""
+    model.eval()
+    write_samples(model, PICTURE_PROMPTS, out("final.png"))
+    lines, recon_rows = report_dvae(model, cfg, device, state["blank_code"], codes)
+    more, _, sample_rows = report_samples(model, cfg)
+    lines += more
+    more, curve, ns = rerank_curve(model, cfg)
+    lines += more
+    lines += patch_limit(model, pool, device, state["blank_code"], out("held_out_patches.png"))
     lines.append(f"total time {fmt_time(time.time() - t_start)} on {device}")
-    with open(os.path.join(args.out_dir, "report.txt"), "w") as f:
+    labelled_rows(recon_rows).save(out("recon_by_group.png"))
+    labelled_rows(sample_rows).save(out("samples_by_group.png"))
+    plot([("CLIP's pick right (%) against N candidates, log2 N", {g: (list(ns), v) for g, v in curve.items()},
+           True, False)], out("rerank_curve.png"), size=(420, 240))
+    draw_losses(state["history"], out("loss_curves.png"))
+    with open(out("report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("report\n  " + "\n  ".join(lines))
-
-
-@torch.no_grad()
-def write_recon(model, pool, device, path, n=8):
-    model.eval()
-    images = to_float(pool[1][:n], device)
-    recon = model.vae.decode(model.vae.encode(images))
-    image_grid(torch.stack([images, recon])).save(path)  # row 1 originals, row 2 reconstructions
-    model.train()
 
 
 if __name__ == "__main__":
