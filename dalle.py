@@ -535,17 +535,17 @@ class Transformer(nn.Module):
         self.check_inputs(text, codes)
         if codes.shape[1] != self.config.image_seq_len:
             raise ValueError(f"codes must be (B, {self.config.image_seq_len}), got {tuple(codes.shape)}")
-        T_txt, V = self.config.text_seq_len, self.config.n_text_ids
+        T_txt, n_text = self.config.text_seq_len, self.config.n_text_ids  # n_text = V + T_txt: BPE ids and pads
         x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
         x = self.run(x)  # (B, T, C)
-        W = self.lm_head.weight  # (V + K, C): one output vocabulary, each position uses its own part of it
-        logits_txt = F.linear(x[:, :T_txt], W[:V])  # (B, T_txt, V): text positions predict text ids only
-        logits_img = F.linear(x[:, T_txt:], W[V:])  # (B, T_img, K): image positions predict image codes only
-        loss_txt = F.cross_entropy(logits_txt.reshape(-1, V), text.reshape(-1))
+        W = self.lm_head.weight  # (V + T_txt + K, C): one output vocabulary, each position uses its own part of it
+        logits_txt = F.linear(x[:, :T_txt], W[:n_text])  # (B, T_txt, V + T_txt): text positions predict text ids only
+        logits_img = F.linear(x[:, T_txt:], W[n_text:])  # (B, T_img, K): image positions predict image codes only
+        loss_txt = F.cross_entropy(logits_txt.reshape(-1, n_text), text.reshape(-1))
         loss_img = F.cross_entropy(logits_img.reshape(-1, logits_img.shape[-1]), codes.reshape(-1))
         loss = loss_txt / 8 + loss_img * 7 / 8  # each averaged over its own count (Sec 2.2)
         logits = torch.cat([F.pad(logits_txt, (0, logits_img.shape[-1]), value=float("-inf")),
-                            F.pad(logits_img, (V, 0), value=float("-inf"))], dim=1)  # (B, T, V + K)
+                            F.pad(logits_img, (n_text, 0), value=float("-inf"))], dim=1)  # (B, T, V + T_txt + K)
         # (B, 1280, 16384 + 256 + 8192) in the paper; the other modality's ids get probability zero
         return logits, {"loss": loss, "text": loss_txt, "image": loss_img}
 

@@ -85,7 +85,8 @@ def main(argv=None):
     prompt = None
     if args.image:  # the codes as the checkpoint's prior learnt them: its recipe's blank code included
         image = load_image_prompt(args.image, c.image_size).to(device)  # (1, 3, S, S)
-        prompt = model.prompt_codes(dvae_codes(model.vae, image, ckpt.get("blank_code", -1)))  # (1, rows * w)
+        blank = -1 if ckpt.get("blank_code") is None else ckpt["blank_code"]  # None: stage 1 unfinished
+        prompt = model.prompt_codes(dvae_codes(model.vae, image, blank))  # (1, rows * w)
     images, scores = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
                                     top_k=args.top_k, seed=args.seed, image_prompt=prompt, guidance=args.guidance)
     try:

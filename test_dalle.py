@@ -173,10 +173,12 @@ def test_dvae_loss_is_normalised_per_subpixel():
     assert math.isclose(s["kl_term"].item(), s["kl"].item() / 192, rel_tol=1e-6)
 
 
-def test_schedule_endpoints():
+def test_schedules_are_cosines_between_the_papers_endpoints():
     assert gumbel_temperature(0, 100) == 1.0
     assert math.isclose(gumbel_temperature(100, 100), 1 / 16) and math.isclose(gumbel_temperature(500, 100), 1 / 16)
-    assert math.isclose(gumbel_temperature(50, 100), (1 + 1 / 16) / 2)  # cosine: half way at the midpoint
+    assert math.isclose(gumbel_temperature(50, 100), (1 + 1 / 16) / 2)  # half way at the midpoint, as a line is too
+    cosine = 1 / 16 + (1 - 1 / 16) * (1 + math.cos(math.pi / 4)) / 2  # a line would be at 1 - 15 / 64 a quarter in
+    assert math.isclose(gumbel_temperature(25, 100), cosine)
     assert kl_weight(0, 5000) == 0.0
     assert math.isclose(kl_weight(5000, 5000), 6.6) and math.isclose(kl_weight(10 ** 6, 5000), 6.6)
     assert math.isclose(kl_weight(2500, 5000), 3.3)
@@ -510,6 +512,18 @@ def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert open(path, "rb").read() == before
 
 
+def test_readme_reading_table_links_land_on_what_they_name():
+    import re
+    links = re.findall(r"\[`([\w.]+)`\]\((\w+\.py)#L(\d+)\)", open(os.path.join(HERE, "README.md")).read())
+    assert len(links) >= 20
+    for name, path, line in links:
+        lines = open(os.path.join(HERE, path)).read().splitlines()[:int(line)]
+        assert re.match(rf"\s*(def|class) {name.split('.')[-1]}\b", lines[-1]), (name, path, line, lines[-1])
+        if "." in name:  # a method: the class above it is its owner
+            owner = next(t for t in reversed(lines) if t.startswith("class "))
+            assert owner.startswith(f"class {name.split('.')[0]}"), (name, path, line, owner)
+
+
 def test_importing_dalle_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import dalle, train",
                           HERE], cwd=tmp_path, capture_output=True, text=True)
@@ -643,9 +657,10 @@ def test_checker_rejects_what_the_caption_does_not_say():
     assert not train.judge(train.parse("a green triangle"), np.zeros((64, 64, 3), np.uint8))["all"]
 
 
-TINY_RUN = ["--dvae-steps", "6", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64", "--eval-prompts", "2",
-            "--sample-every", "0", "--log-every", "1", "--dvae-batch", "4", "--prior-batch", "4", "--clip-batch", "4",
-            "--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,clip_embd=16,clip_head=2"]
+TINY_STEPS = ["--dvae-steps", "6", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64", "--eval-prompts", "2",
+              "--sample-every", "0", "--log-every", "1", "--dvae-batch", "4", "--prior-batch", "4", "--clip-batch", "4"]
+TINY_RUN = TINY_STEPS + ["--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,clip_embd=16,"
+                                     "clip_head=2"]  # --resume and --dvae-from take the sizes of their checkpoint
 
 
 def test_every_training_setting_is_a_flag():
@@ -666,6 +681,15 @@ def test_every_training_setting_is_a_flag():
         cfg, _ = train.parse_args(argv)
         assert getattr(cfg, f.name) == want, f.name
         assert f.metadata["help"], f"{f.name} says nothing of its paper value or reason"
+
+
+@pytest.mark.parametrize("argv", [["--dvae-crop", "12"], ["--dvae-recon", "l1"], ["--prior-lr", "-1"],
+                                  ["--resume", "--config", "n_layer=2"], ["--pool", "10"]])
+def test_bad_training_flags_exit_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
 
 
 def test_dvae_codes_give_every_blank_cell_the_blank_code():
@@ -732,7 +756,7 @@ def run_sample(*args, cwd=HERE):
 def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(trained, tmp_path):
     assert (trained / "dalle.pt").exists() and (trained / "report.txt").exists()
     for picture in ("dvae_recon", "final", "recon_by_group", "samples_by_group", "rerank_curve", "loss_curves",
-                    "held_out_patches"):
+                    "held_out_patches", "masks"):
         assert (trained / f"{picture}.png").exists(), picture
     _, ckpt = DALLE.load(str(trained / "dalle.pt"))  # the recipe travels with the weights, as plain data
     assert ckpt["train"]["dvae_steps"] == 6 and ckpt["blank_code"] >= 0 and len(ckpt["history"]["prior"]) == 3
@@ -754,13 +778,13 @@ def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(tr
 def test_resume_continues_an_interrupted_run(trained, tmp_path):
     import shutil
     shutil.copy(trained / "dalle.pt", tmp_path / "dalle.pt")
-    train.main(TINY_RUN + ["--out-dir", str(tmp_path), "--resume"])
+    train.main(TINY_STEPS + ["--out-dir", str(tmp_path), "--resume"])
     _, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
     assert ckpt["stage"] == "done"
 
 
 def test_dvae_from_keeps_the_dvae_and_trains_the_prior_afresh(trained, tmp_path):
-    train.main(TINY_RUN + ["--out-dir", str(tmp_path), "--dvae-from", str(trained / "dalle.pt")])
+    train.main(TINY_STEPS + ["--out-dir", str(tmp_path), "--dvae-from", str(trained / "dalle.pt")])
     before, _ = DALLE.load(str(trained / "dalle.pt"))
     after, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
     assert ckpt["stage"] == "done" and len(ckpt["history"]["prior"]) == 3

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dalle import (CLIP, DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, Transformer,
-                   gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, pick_device)
+                   draw_masks, gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, pick_device)
 
 # -----------------------------------------------------------------------------
 # The training settings, each with its paper value and, where ours differs, why (README: Deviations).
@@ -87,7 +87,8 @@ class TrainConfig:
     # the report
     eval_prompts: int = setting(96, "report prompts per group: one prompt moves a figure by about a point")
     candidates: int = setting(8, "candidates per report prompt, reranked by CLIP (paper: 512)")
-    curve_prompts: int = setting(16, "prompts per group for the reranking curve, 32 candidates each (Fig. 9c)")
+    curve_prompts: int = setting(16, "prompts per group for the reranking curve, 32 candidates each (Fig. 9c; "
+                                     "0: no curve)")
 
 # -----------------------------------------------------------------------------
 # The Shapes world: 64x64, black background, 8 colours, 4 shapes, 2 sizes, positions and relations
@@ -856,31 +857,35 @@ def labelled_rows(rows, scale=2, gap=4, line=12):
     return img
 
 
-def plot(panels, path, size=(300, 200), pad=(44, 22, 12, 30)):
-    """panels: [(title, {name: (xs, ys)}, log_x, log_y)] -> one PNG of line charts side by side."""
-    colours = [(90, 160, 255), (255, 140, 60), (120, 220, 120), (230, 90, 200), (240, 220, 70), (200, 200, 200)]
+def plot(panels, path, size=(300, 200), pad=(52, 22, 16, 30)):
+    """panels: [(title, {name: (xs, ys)}, x_ticks, log_y, y_range or None)] -> one PNG of line charts side by side;
+    with x_ticks the x axis is log scale, with those ticks."""
+    colours = [(40, 110, 230), (240, 120, 30), (40, 160, 60), (200, 40, 170), (200, 170, 0), (90, 90, 90)]
     left, top, right, bottom = pad
     img = Image.new("RGB", (len(panels) * (size[0] + left + right), size[1] + top + bottom), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    for p, (title, series, log_x, log_y) in enumerate(panels):
+    for p, (title, series, x_ticks, log_y, y_range) in enumerate(panels):
         ox = p * (size[0] + left + right) + left
-        fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
-        fy = (lambda v: math.log10(max(v, 1e-6))) if log_y else (lambda v: v)  # noqa: E731
+        fx = math.log10 if x_ticks else float
+        fy = (lambda v: math.log10(max(v, 1e-6))) if log_y else float  # noqa: E731
         xs = [fx(x) for xs, _ in series.values() for x in xs]
-        ys = [fy(y) for _, ys in series.values() for y in ys]
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys) + 1e-9
-        to_px = lambda x, y: (ox + (fx(x) - x0) / (x1 - x0 + 1e-9) * size[0],  # noqa: E731
-                              top + (1 - (fy(y) - y0) / (y1 - y0)) * size[1])
+        y0, y1 = [fy(v) for v in y_range] if y_range else (min(fy(y) for _, ys in series.values() for y in ys),
+                                                            max(fy(y) for _, ys in series.values() for y in ys))
+        x0, x1, y1 = min(xs), max(xs), max(y1, y0 + 1e-9)
+        px = lambda x: ox + (fx(x) - x0) / (x1 - x0 + 1e-9) * size[0]  # noqa: E731
+        py = lambda y: top + (1 - (fy(y) - y0) / (y1 - y0)) * size[1]  # noqa: E731
         draw.rectangle([ox, top, ox + size[0], top + size[1]], outline=(0, 0, 0))
         draw.text((ox, 4), title, fill=(0, 0, 0))
-        for v, label in ((y0, "lo"), (y1, "hi")):  # the axis ends, in the data's units
-            value = 10 ** v if log_y else v
-            draw.text((ox - left + 2, top + (1 - (v - y0) / (y1 - y0)) * size[1] - 6), f"{value:.3g}", fill=(0, 0, 0))
-        draw.text((ox, top + size[1] + 4), f"{10 ** x0 if log_x else x0:.3g}", fill=(0, 0, 0))
-        draw.text((ox + size[0] - 30, top + size[1] + 4), f"{10 ** x1 if log_x else x1:.3g}", fill=(0, 0, 0))
+        for v in (y0, y1):  # the y axis ends, in the data's units, right-aligned against the axis
+            label = f"{10 ** v if log_y else v:.3g}"
+            draw.text((ox - 4 - draw.textlength(label), top + (1 - (v - y0) / (y1 - y0)) * size[1] - 6), label,
+                      fill=(0, 0, 0))
+        for x in x_ticks or [x0, x1]:  # the x ticks, or the axis ends
+            label = f"{x:.0f}"
+            draw.text((px(x) - draw.textlength(label) / 2, top + size[1] + 4), label, fill=(0, 0, 0))
         for i, (name, (sx, sy)) in enumerate(series.items()):
             colour = colours[i % len(colours)]
-            draw.line([to_px(x, y) for x, y in zip(sx, sy)], fill=colour, width=2)
+            draw.line([(px(x), py(y)) for x, y in zip(sx, sy)], fill=colour, width=2)
             draw.text((ox + 6, top + 4 + 11 * i), name, fill=colour)
     img.save(path)
 
@@ -902,7 +907,7 @@ def draw_losses(history, path):
         if rows:
             steps = [r[0] + 1 for r in rows]
             series = {name: (steps, smooth([r[i + 1] for r in rows])) for i, name in enumerate(names)}
-            panels.append((f"{stage}: loss per update (mean of 25), log scale", series, False, True))
+            panels.append((f"{stage}: loss per update (mean of 25), log scale", series, None, True, None))
     if panels:
         plot(panels, path)
 
@@ -976,6 +981,8 @@ def parse_args(argv=None):
         p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), got {cfg.dvae_crop}")
     if cfg.null_caption >= 1 or cfg.pair_weight < 1 or cfg.decoder_share >= 1:
         p.error("need --null-caption and --decoder-share below 1, and --pair-weight at least 1")
+    if args.config and (args.resume or args.dvae_from):
+        p.error("--config sizes a new model: --resume and --dvae-from keep their checkpoint's")
     if cfg.pool < 4 * max(cfg.dvae_batch, cfg.prior_batch, cfg.clip_batch):
         p.error("--pool must hold at least 4 batches of scenes")
     return cfg, args
@@ -1076,20 +1083,23 @@ def main(argv=None):
 
 def write_report(model, cfg, pool, codes, device, state, out, t_start):
     """The report (report.txt) and its pictures, all into the output folder."""
-    model.eval()
     write_samples(model, PICTURE_PROMPTS, out("final.png"))
+    model.eval()
     lines, recon_rows = report_dvae(model, cfg, device, state["blank_code"], codes)
     more, _, sample_rows = report_samples(model, cfg)
     lines += more
-    more, curve, ns = rerank_curve(model, cfg)
-    lines += more
+    if cfg.curve_prompts:
+        more, curve, ns = rerank_curve(model, cfg)
+        lines += more
+        plot([("% right: CLIP picks the best of N candidates (N on a log scale)",
+               {g: (list(ns), v) for g, v in curve.items()}, list(ns), False, (0, 100))], out("rerank_curve.png"),
+             size=(420, 240))
     lines += patch_limit(model, pool, device, state["blank_code"], out("held_out_patches.png"))
     lines.append(f"total time {fmt_time(time.time() - t_start)} on {device}")
     labelled_rows(recon_rows).save(out("recon_by_group.png"))
     labelled_rows(sample_rows).save(out("samples_by_group.png"))
-    plot([("CLIP's pick right (%) against N candidates, log2 N", {g: (list(ns), v) for g, v in curve.items()},
-           True, False)], out("rerank_curve.png"), size=(420, 240))
     draw_losses(state["history"], out("loss_curves.png"))
+    draw_masks().save(out("masks.png"))  # Fig. 11's three masks on a 4x4 grid, the kernel 3x3
     with open(out("report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("report\n  " + "\n  ".join(lines))
