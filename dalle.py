@@ -724,7 +724,8 @@ class DALLE(nn.Module):
         if image_prompt is not None:
             prompt = image_prompt.to(device).expand(P, -1).repeat_interleave(n, dim=0)  # (P*N, m)
         generator = torch.Generator(device=device).manual_seed(seed)
-        codes = self.transformer.generate(text, prompt, temperature, top_k, generator, guidance=guidance)  # (P*N, T_img)
+        codes = self.transformer.generate(text, prompt, temperature, top_k, generator,
+                                          guidance=guidance)  # (P*N, T_img)
         images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dalle import (CLIP, DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, Transformer,
-                   draw_masks, gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, pick_device)
+                   draw_masks, gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, n_params,
+                   pick_device)
 
 # -----------------------------------------------------------------------------
 # The training settings, each with its paper value and, where ours differs, why (README: Deviations).
@@ -496,21 +497,24 @@ def choose_blank_code(vae, images):
     return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
 
 
+def pixel_mse(images, mu):
+    """The squared error of the decoder's sigmoid(mu) against the mapped pixels (App. A.3's map), per subpixel."""
+    return ((torch.sigmoid(mu) - map_pixels(images)) ** 2).mean()
+
+
 def recon_term(cfg, images, mu, ln_b):
     """The reconstruction term per subpixel: App. A.3's logit-Laplace NLL, or the squared error of sigmoid(mu)."""
-    x = map_pixels(images)  # (B, 3, H, W)
     if cfg.dvae_recon == "logit-laplace":
-        return logit_laplace_nll(x, mu, ln_b).mean()
+        return logit_laplace_nll(map_pixels(images), mu, ln_b).mean()
     # DEVIATION: with the NLL every short run collapsed to a few codes (README: Deviations, the dVAE loss)
-    return ((torch.sigmoid(mu) - x) ** 2).mean()
+    return pixel_mse(images, mu)
 
 
 def relaxed_loss(vae, images, tau, beta, cfg, generator):
     """App. A's loss (vae's forward) with the recipe's reconstruction term -> (loss, stats for the progress line)."""
     _, parts = vae(images, tau, beta, generator=generator)
     loss = recon_term(cfg, images, parts["mu"], parts["ln_b"]) + beta * parts["kl_term"]
-    mse = ((torch.sigmoid(parts["mu"]) - map_pixels(images)) ** 2).mean()
-    return loss, {"mse": mse.item(), "kl": parts["kl"].item()}
+    return loss, {"mse": pixel_mse(images, parts["mu"]).item(), "kl": parts["kl"].item()}
 
 
 def decoder_loss(vae, images, blank_code, cfg):
@@ -518,9 +522,9 @@ def decoder_loss(vae, images, blank_code, cfg):
     # DEVIATION (not in the paper): the decoder learnt from gumbel samples of q, which keeps its entropy under the KL
     # term, and decodes argmax codes badly until it has seen them (README: Deviations, the decoder phase)
     codes = dvae_codes(vae, images, blank_code)  # (B, h, w): the encoder is frozen, the codes stay as they are
-    mu, ln_b = vae.decode_soft(F.one_hot(codes, vae.config.image_vocab_size).permute(0, 3, 1, 2).float())
-    loss = recon_term(cfg, images, mu, ln_b)
-    return loss, {"mse": ((torch.sigmoid(mu) - map_pixels(images)) ** 2).mean().item(), "kl": 0.0}
+    one_hot = F.one_hot(codes, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h, w)
+    mu, ln_b = vae.decode_soft(one_hot)  # (B, 3, H, W) each
+    return recon_term(cfg, images, mu, ln_b), {"mse": pixel_mse(images, mu).item(), "kl": 0.0}
 
 # -----------------------------------------------------------------------------
 # The three stages
@@ -741,7 +745,8 @@ def report_dvae(model, cfg, device, blank_code, codes_pool, n=128):
         sizes = f" ({by_size(group_scenes, ok)})" if group_scenes[0][1] is None else ""
         lines.append(f"  {group:<18} {np.mean(ok):5.1%}{sizes}")
         pairs = torch.stack([images[n * i:n * i + 5], recon[n * i:n * i + 5]], 1).flatten(0, 1)  # (10, 3, H, W)
-        rows.append((group, pairs, [x for k in range(5) for x in ("render", "dVAE " + ("right" if ok[k] else "wrong"))]))
+        labels = [x for k in range(5) for x in ("render", "dVAE right" if ok[k] else "dVAE wrong")]
+        rows.append((group, pairs, labels))
     seen = [i for i, g in enumerate(REPORT_GROUPS) if g.startswith("seen")]  # the scenes the prior learnt from
     text = model.tokenize([caption(o, r, rng) for i in seen for o, r in scenes[REPORT_GROUPS[i]]])
     _, losses = model.transformer(text, torch.cat([codes[n * i:n * (i + 1)] for i in seen]).flatten(1))
@@ -978,7 +983,8 @@ def parse_args(argv=None):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if cfg.dvae_crop % 8 or cfg.dvae_crop > SIZE:
-        p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), got {cfg.dvae_crop}")
+        p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), "
+                f"got {cfg.dvae_crop}")
     if cfg.null_caption >= 1 or cfg.pair_weight < 1 or cfg.decoder_share >= 1:
         p.error("need --null-caption and --decoder-share below 1, and --pair-weight at least 1")
     if args.config and (args.resume or args.dvae_from):
@@ -1048,9 +1054,9 @@ def main(argv=None):
     model.train()
     model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
     c = model.config
-    print(f"device {device}, {torch.get_num_threads()} threads | dVAE {sum(p.numel() for p in model.vae.parameters()) / 1e6:.2f}M, "
-          f"transformer {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M, CLIP "
-          f"{sum(p.numel() for p in model.clip.parameters()) / 1e6:.2f}M params | {c.image_size}px -> "
+    print(f"device {device}, {torch.get_num_threads()} threads | dVAE {n_params(model.vae) / 1e6:.2f}M, "
+          f"transformer {n_params(model.transformer) / 1e6:.2f}M, CLIP {n_params(model.clip) / 1e6:.2f}M params | "
+          f"{c.image_size}px -> "
           f"{c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} tokens "
           f"(BPE vocab {len(model.tokenizer.vocab)})")
 
