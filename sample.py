@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dalle import DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
-from train import dvae_codes, judge, parse, to_u8
+from train import dvae_codes, judge_all, parse
 
 
 def die(message, code=1):
@@ -96,9 +96,10 @@ def main(argv=None):
     print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP ({args.checkpoint}, "
           f"stage {ckpt.get('stage', '?')})")
     for text, row, pictures in zip(args.prompts, scores.tolist(), images):
-        spec = parse(text)  # None: not a caption of the Shapes world, which the checker cannot read
-        right = [judge(spec, p)["all"] for p in to_u8(pictures).permute(0, 2, 3, 1).numpy()] if spec else []
-        check = f"; the checker reads {sum(right)} of {len(right)} right" if spec else ""
+        check = ""
+        if parse(text):  # None: not a caption of the Shapes world, which the checker cannot read
+            right = judge_all([text], pictures[None])["all"][0]  # (keep,) bools
+            check = f"; the checker reads {right.sum()} of {len(right)} right"
         print(f"  {text!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row) + check)
 
 

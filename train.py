@@ -428,11 +428,15 @@ def judge(spec, image):
 # Data: a pool of scenes rendered once; captions are drawn afresh every time a scene is used
 
 
+def render_all(scenes):
+    """A list of scenes' objects -> their renders as one uint8 tensor (N, 3, H, W)."""
+    return torch.from_numpy(np.stack([render(objects) for objects in scenes])).permute(0, 3, 1, 2)
+
+
 def make_pool(n, seed):
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]
-    images = torch.from_numpy(np.stack([render(objs) for objs, _ in scenes]))  # (n, 64, 64, 3) uint8
-    return scenes, images.permute(0, 3, 1, 2).contiguous()  # (n, 3, 64, 64)
+    return scenes, render_all([objs for objs, _ in scenes]).contiguous()  # (n, 3, 64, 64) uint8
 
 
 def to_float(images_u8, device):
@@ -632,8 +636,7 @@ def clip_batch(pool, recon_u8, cfg, rng):
         twins = [t for t in (swapped(*s, rng) for s in batch if s[1] is not None) if t is not None]
         if twins:
             batch += twins
-            twins_u8 = torch.from_numpy(np.stack([render(o) for o, _ in twins])).permute(0, 3, 1, 2)
-            images = torch.cat([images, twins_u8])  # (B + twins, 3, H, W)
+            images = torch.cat([images, render_all([o for o, _ in twins])])  # (B + twins, 3, H, W)
     return batch, images
 
 
@@ -729,7 +732,7 @@ def report_dvae(model, cfg, device, blank_code, codes_pool, n=128):
     rng = random.Random(cfg.seed + 7)
     scenes = {g: [report_scene(rng, g)[:2] for _ in range(n)] for g in REPORT_GROUPS}
     all_scenes = sum(scenes.values(), [])
-    images_u8 = torch.from_numpy(np.stack([render(o) for o, _ in all_scenes])).permute(0, 3, 1, 2)
+    images_u8 = render_all([o for o, _ in all_scenes])  # (6n, 3, H, W)
     images = to_float(images_u8, device)  # (6n, 3, H, W)
     codes = dvae_codes(model.vae, images, blank_code)  # (6n, h, w)
     recon = model.vae.decode(codes)  # (6n, 3, H, W)
@@ -763,12 +766,12 @@ def judge_all(prompts, images):
 
 
 @torch.no_grad()
-def report_samples(model, cfg):
+def report_samples(model, cfg, by_group):
     """Each group's prompts, N candidates each, reranked by CLIP and read by the checker -> (lines, results, rows)."""
     N, lines, results, rows = cfg.candidates, [], {}, []
     lines.append(f"samples ({N} a prompt): right = every object and attribute the caption names, nothing else; "
                  f"random = mean of the {N}, best = CLIP's pick, any = a right one among the {N}")
-    for group, prompts in eval_prompts(cfg.seed, cfg.eval_prompts).items():
+    for group, prompts in by_group.items():
         images, scores = model.generate(prompts, n=N, keep=N, seed=cfg.seed)  # (P, N, 3, H, W), best first
         r = judge_all(prompts, images)  # (P, N) each
         results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
@@ -794,11 +797,11 @@ def best_of(right, n):
 
 
 @torch.no_grad()
-def rerank_curve(model, cfg, ns=(1, 2, 4, 8, 16, 32)):
+def rerank_curve(model, cfg, by_group, ns=(1, 2, 4, 8, 16, 32)):
     """The toy counterpart of Fig. 9c: the share of CLIP's picks that are right against the number of candidates,
     from max(ns) candidates for each of the first curve_prompts prompts of each group -> (lines, {group: [%]})."""
     curve = {}
-    for group, prompts in eval_prompts(cfg.seed, cfg.eval_prompts).items():
+    for group, prompts in by_group.items():
         images, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1)
         right = judge_all(prompts[:cfg.curve_prompts], images)["all"]  # (P, max(ns)), best first
         curve[group] = [100 * best_of(right, n) for n in ns]
@@ -822,7 +825,7 @@ def patch_limit(model, pool, device, blank_code, path):
     kind small and large, its unseen cells outlined, beside its dVAE reconstruction."""
     cell, rng, lines = model.config.image_size // model.config.grid_size, random.Random(0), []
     objects = [place_one(rng, kind, size) for size in SIZES.values() for kind in sorted(HELD_OUT)]
-    renders = torch.from_numpy(np.stack([render([o]) for o in objects])).permute(0, 3, 1, 2)  # (16, 3, H, W)
+    renders = render_all([[o] for o in objects])  # (16, 3, H, W)
     for c in (cell // 2, cell):
         seen = set(cell_patches(pool[1], c))  # blank cells are in it: every training image has some
         keys = cell_patches(renders, c)
@@ -1092,10 +1095,11 @@ def write_report(model, cfg, pool, codes, device, state, out, t_start):
     write_samples(model, PICTURE_PROMPTS, out("final.png"))
     model.eval()
     lines, recon_rows = report_dvae(model, cfg, device, state["blank_code"], codes)
-    more, _, sample_rows = report_samples(model, cfg)
+    by_group = eval_prompts(cfg.seed, cfg.eval_prompts)  # {group: prompts}, fixed by the seed
+    more, _, sample_rows = report_samples(model, cfg, by_group)
     lines += more
     if cfg.curve_prompts:
-        more, curve, ns = rerank_curve(model, cfg)
+        more, curve, ns = rerank_curve(model, cfg, by_group)
         lines += more
         plot([("% right: CLIP picks the best of N candidates (N on a log scale)",
                {g: (list(ns), v) for g, v in curve.items()}, list(ns), False, (0, 100))], out("rerank_curve.png"),
