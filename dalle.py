@@ -51,11 +51,11 @@ class DALLEConfig:
     image_vocab_size: int = 512     # K; paper: 8192
     # text (Sec 2.2)
     text_seq_len: int = 32          # paper: 256
-    text_vocab_size: int = 1024     # V; paper: 16384
+    text_vocab_size: int = 384      # V; paper: 16384 (the Shapes world's captions need 373)
     # the transformer prior (App. B.1)
     n_layer: int = 4                # paper: 64
     n_head: int = 4                 # paper: 62
-    n_embd: int = 128               # paper: 3968 = 62 heads x 64
+    n_embd: int = 64                # paper: 3968 = 62 heads x 64
     conv_kernel: int = 11           # paper: 11 (App. B.1); 3 in Fig. 11's drawing
     # the contrastive reranker (Sec 2.6; sizes are ours, CLIP [3] is far larger)
     clip_embd: int = 128
@@ -65,6 +65,10 @@ class DALLEConfig:
     @property
     def grid_size(self):            # h = w: the encoder max-pools 3 times (App. A.1)
         return self.image_size // 8
+
+    @property
+    def cell_size(self):            # pixels per code along each side: 8 (App. A.1)
+        return self.image_size // self.grid_size
 
     @property
     def image_seq_len(self):        # T_img: 1024 in the paper
@@ -250,16 +254,20 @@ def _group(block, n_in, n_out, n_blk, resize):
     return nn.Sequential(OrderedDict(blocks + [resize]))
 
 
+def cosine(step, steps, start, end):
+    """Half a cosine from start (step 0) to end (step `steps`), then held at end: every schedule in this project."""
+    frac = min(step / max(steps, 1), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 def gumbel_temperature(step, total_steps, start=1.0, end=1 / 16):
     """tau annealed 1 -> 1/16 on a cosine schedule; a linear one "typically led to divergence" (App. A.2)."""
-    frac = min(step / max(total_steps, 1), 1.0)
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
+    return cosine(step, total_steps, start, end)
 
 
 def kl_weight(step, warmup_steps, beta_max=6.6):
     """beta ramped 0 -> 6.6 on a cosine over the first 5,000 updates, then held (Sec 2.1, App. A.2)."""
-    frac = min(step / max(warmup_steps, 1), 1.0)
-    return beta_max * 0.5 * (1 - math.cos(math.pi * frac))
+    return cosine(step, warmup_steps, 0.0, beta_max)
 
 
 class DiscreteVAE(nn.Module):
@@ -322,23 +330,31 @@ class DiscreteVAE(nn.Module):
             images.append(unmap_pixels(torch.sigmoid(mu)))  # (b, 3, H, W)
         return torch.cat(images)  # (B, 3, H, W)
 
-    def forward(self, images, tau, beta, generator=None):
-        """The negative ELB of App. A, divided by H*W*3 -> (loss, parts): the terms as tensors, nll (per subpixel),
-        kl (nats per position), kl_term (the KL as the loss counts it), and the decoder's mu, ln_b (B, 3, H, W)."""
+    def forward(self, images, tau, beta, generator=None, recon=logit_laplace_nll):
+        """The negative ELB of App. A, divided by H*W*3 -> (loss, parts): the terms as tensors, recon (per subpixel),
+        kl (nats per position), kl_term (the KL as the loss counts it), and the decoder's mu (B, 3, H, W).
+        recon(x, mu, ln_b) -> (B, 3, H, W) is the reconstruction term of the mapped pixels x: App. A.3's logit-Laplace
+        NLL, or a trainer's own (train.py's recipe passes the squared error)."""
         logits = self.logits(images)  # (B, K, h, w)
         B, K, h, w = logits.shape
         # gumbel-softmax relaxation [5], soft in forward and backward (App. A.2)
         gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()  # (B, K, h, w)
         one_hot = F.softmax((logits + gumbels) / tau, dim=1)  # (B, K, h, w)
         mu, ln_b = self.decode_soft(one_hot)  # (B, 3, H, W) each
-        x = map_pixels(images)  # (B, 3, H, W)
-        nll = logit_laplace_nll(x, mu, ln_b).mean()  # = sum / (B*H*W*3)
+        rec = recon(map_pixels(images), mu, ln_b).mean()  # = sum / (B*H*W*3)
         # KL(q(z|x) || uniform prior over K codes), per position, even while tau > 0 (Sec 2.1)
         log_q = F.log_softmax(logits, dim=1)  # (B, K, h, w)
         kl = (log_q.exp() * (log_q + math.log(K))).sum(dim=1).mean()  # mean per-position KL
         # the loss is divided by H*W*3, so the KL counts h*w / (H*W*3) = 1/192 of a subpixel per position
         kl_term = kl * h * w / (images.shape[2] * images.shape[3] * 3)
-        return nll + beta * kl_term, {"nll": nll, "kl": kl, "kl_term": kl_term, "mu": mu, "ln_b": ln_b}
+        return rec + beta * kl_term, {"recon": rec, "kl": kl, "kl_term": kl_term, "mu": mu}
+
+
+def blank_cells(images, cell=8):
+    """images (B, 3, H, W) -> (B, h, w) bool: the cell x cell cells whose pixels are all black (below 0.1, so that
+    the faint ringing of a resized image prompt still counts as black)."""
+    B, _, H, W = images.shape
+    return images.reshape(B, 3, H // cell, cell, W // cell, cell).amax(dim=(1, 3, 5)) < 0.1  # (B, h, w)
 
 
 def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
@@ -472,8 +488,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Stage 2 (Sec 2.2, App. B.1): a decoder-only prior over [text | image] tokens, one stream.
 
-    Token ids: text 0..V-1 are BPE ids and V + i is the pad of text slot i; in the joint output vocabulary image
-    code j is id V + T_txt + j. Text outputs never give image ids probability, nor image outputs text ids."""
+    Token ids: text 0..V-1 are BPE ids and V + i is the pad of text slot i; in the joint vocabulary image code j is
+    id V + T_txt + j. Text outputs never give image ids probability, nor image outputs text ids."""
 
     def __init__(self, config):
         super().__init__()
@@ -487,7 +503,8 @@ class Transformer(nn.Module):
         self.h = nn.ModuleList([Block(c.n_embd, c.n_head) for _ in range(c.n_layer)])
         self.kinds = [MASK_KINDS.index(layer_mask_kind(i + 1, c.n_layer)) for i in range(c.n_layer)]
         self.ln_f = nn.LayerNorm(c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, c.n_text_ids + c.image_vocab_size, bias=False)
+        # no lm_head: the output vocabulary is the input's, read through the token embeddings (weight tying, as GPT-2
+        # and nanoGPT do; the paper does not say). README: Deviations
         masks = [attention_mask(k, c.text_seq_len, c.grid_size, c.grid_size, c.conv_kernel) for k in MASK_KINDS]
         self.register_buffer("masks", torch.stack(masks), persistent=False)  # (3, T, T)
         self.apply(self._init_weights)
@@ -531,70 +548,70 @@ class Transformer(nn.Module):
             raise ValueError(f"codes must be (B, <= {c.image_seq_len}) for text (B, ...), got {tuple(codes.shape)}")
 
     def forward(self, text, codes):
-        """text (B, T_txt) long, codes (B, T_img) long -> logits (B, T, V + T_txt + K), loss (1/8, 7/8)."""
+        """text (B, T_txt) long, codes (B, T_img) long -> (text logits (B, T_txt, V + T_txt), image logits
+        (B, T_img, K)), losses (1/8, 7/8). The paper's vocabulary is one, V + T_txt + K ids (16384 + 256 + 8192);
+        each position scores only its own modality's part of it, so the other part never gets probability."""
         self.check_inputs(text, codes)
         if codes.shape[1] != self.config.image_seq_len:
             raise ValueError(f"codes must be (B, {self.config.image_seq_len}), got {tuple(codes.shape)}")
         T_txt, n_text = self.config.text_seq_len, self.config.n_text_ids  # n_text = V + T_txt: BPE ids and pads
         x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
         x = self.run(x)  # (B, T, C)
-        W = self.lm_head.weight  # (V + T_txt + K, C): one output vocabulary, each position uses its own part of it
-        logits_txt = F.linear(x[:, :T_txt], W[:n_text])  # (B, T_txt, V + T_txt): text positions predict text ids only
-        logits_img = F.linear(x[:, T_txt:], W[n_text:])  # (B, T_img, K): image positions predict image codes only
+        logits_txt = F.linear(x[:, :T_txt], self.wte_txt.weight)  # (B, T_txt, V + T_txt): text positions, text ids
+        logits_img = self.image_logits(x[:, T_txt:])  # (B, T_img, K): image positions predict image codes only
         loss_txt = F.cross_entropy(logits_txt.reshape(-1, n_text), text.reshape(-1))
         loss_img = F.cross_entropy(logits_img.reshape(-1, logits_img.shape[-1]), codes.reshape(-1))
         loss = loss_txt / 8 + loss_img * 7 / 8  # each averaged over its own count (Sec 2.2)
-        logits = torch.cat([F.pad(logits_txt, (0, logits_img.shape[-1]), value=float("-inf")),
-                            F.pad(logits_img, (n_text, 0), value=float("-inf"))], dim=1)  # (B, T, V + T_txt + K)
-        # (B, 1280, 16384 + 256 + 8192) in the paper; the other modality's ids get probability zero
-        return logits, {"loss": loss, "text": loss_txt, "image": loss_img}
+        return (logits_txt, logits_img), {"loss": loss, "text": loss_txt, "image": loss_img}
 
     # Sampling (Sec 2.6, Sec 3.3): temperature 1 and no top-k in the paper
 
     def image_logits(self, x):
-        """final features (B, L, C) -> image-code logits (B, L, K), the image slice of lm_head only."""
-        return F.linear(x, self.lm_head.weight[self.config.n_text_ids:])
+        """final features (B, L, C) -> image-code logits (B, L, K), through the image token embeddings."""
+        return F.linear(x, self.wte_img.weight)
 
     @torch.no_grad()
-    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True, guidance=1.0):
+    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True, guidance=1.0,
+                 uncond=None):
         """text (B, T_txt), prompt (B, m) codes of the first m cells or None -> codes (B, T_img).
 
         guidance s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), where uncond reads the
-        empty caption (every slot its pad); s = 1 is the paper's sampling, and runs no second half.
+        text `uncond` (B, T_txt), by default the empty caption (every slot its pad); a row whose uncond is its own
+        text is sampled as it is. s = 1 is the paper's sampling, and runs no second batch.
         use_cache=False recomputes the whole prefix at every step: the slow path the cache must equal."""
         self.check_inputs(text, prompt)
         B, T_img, T_txt = text.shape[0], self.config.image_seq_len, self.config.text_seq_len
         codes = text.new_zeros(B, 0) if prompt is None else prompt  # (B, m)
-        # DEVIATION: classifier-free guidance is not in the paper (which samples at s = 1); a prior trained with some
-        # captions left empty can sharpen its pull towards the caption with s > 1 (README: Deviations)
-        halves = 1 if guidance == 1 else 2
-        if halves == 2:  # rows B..2B-1 are the same images, captioned with nothing
-            empty = self.config.text_vocab_size + torch.arange(T_txt, device=text.device)  # (T_txt,): the pads
-            text = torch.cat([text, empty.expand(B, T_txt)])  # (2B, T_txt)
+        # DEVIATION: classifier-free guidance is not in the paper (which samples at s = 1): s > 1 sharpens the pull
+        # towards what the caption says beyond `uncond` (README: Deviations)
+        if uncond is None:
+            uncond = (self.config.text_vocab_size + torch.arange(T_txt, device=text.device)).expand(B, T_txt)
+        guided = (uncond != text).any(1).nonzero().flatten() if guidance != 1 else text.new_zeros(0)  # (G,) rows
+        text = torch.cat([text, uncond[guided]])  # (B + G, T_txt): the guided rows again, captioned with uncond
         caches = None
         if use_cache:
             C, nh, T = self.config.n_embd, self.config.n_head, self.config.block_size
-            caches = [torch.empty(2, halves * B, nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
-                      for _ in self.h]  # keys and values: (2, halves * B, nh, T, hs) per layer
-        x = torch.cat([self.embed_text(text), self.embed_image(codes.repeat(halves, 1))], dim=1)  # (halves*B, L, C)
+            caches = [torch.empty(2, len(text), nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
+                      for _ in self.h]  # keys and values: (2, B + G, nh, T, hs) per layer
+        x = torch.cat([self.embed_text(text), self.embed_image(torch.cat([codes, codes[guided]]))], 1)  # (B + G, L, C)
         pos = 0
         while codes.shape[1] < T_img:
-            feats = self.run(x, pos, caches)  # (halves * B, L, C)
-            logits = self.image_logits(feats[:, -1])  # (halves * B, K)
-            if halves == 2:
-                cond, uncond = logits.chunk(2)  # (B, K) each
-                logits = uncond + guidance * (cond - uncond)  # (B, K)
+            feats = self.run(x, pos, caches)  # (B + G, L, C)
+            logits = self.image_logits(feats[:, -1])  # (B + G, K)
+            logits, unconditioned = logits[:B], logits[B:]  # (B, K), (G, K)
+            logits[guided] = unconditioned + guidance * (logits[guided] - unconditioned)
             logits = logits / temperature
             if top_k is not None:  # top_k counts codes, e.g. 64 of K (not a fraction)
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
             codes = torch.cat([codes, nxt], dim=1)  # (B, m + 1)
+            both = torch.cat([codes, codes[guided]])  # (B + G, m + 1): every row's codes so far
             if use_cache:
                 pos += x.shape[1]
-                x = self.embed_image(nxt.repeat(halves, 1), codes.shape[1] - 1)  # (halves * B, 1, C): the new token
+                x = self.embed_image(both[:, -1:], codes.shape[1] - 1)  # (B + G, 1, C): the new token
             else:
-                x = torch.cat([self.embed_text(text), self.embed_image(codes.repeat(halves, 1))], dim=1)
+                x = torch.cat([self.embed_text(text), self.embed_image(both)], dim=1)  # (B + G, L + 1, C)
         return codes  # (B, T_img)
 
 # -----------------------------------------------------------------------------
@@ -665,16 +682,24 @@ def rerank(scores, keep):
 # 6. The whole pipeline: tokenizer + dVAE + transformer + CLIP, and checkpoints
 
 
-FORMAT = "dalle.py/2"  # /1 kept train.py's blank code inside the dVAE's state_dict
+FORMAT = "dalle.py/3"  # /1 kept the blank code in the dVAE's state_dict, /2 had an lm_head apart from the embeddings
 
 
 class CheckpointError(Exception):
     pass
 
 
-def _brief(e):  # an exception as one short line, for one-line error messages
+def brief(e):  # an exception as one short line, for one-line error messages
     text = " ".join(str(e).split())  # one line, whatever the exception's layout
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def without(caption, phrases):
+    """The lower-cased caption with each of phrases taken out, as whole words: guidance's unconditional caption."""
+    caption = caption.lower()
+    for phrase in phrases:
+        caption = regex.sub(rf"\b{regex.escape(phrase.lower())}\b", " ", caption)
+    return " ".join(caption.split())
 
 
 class DALLE(nn.Module):
@@ -688,6 +713,10 @@ class DALLE(nn.Module):
         self.vae = DiscreteVAE(config)
         self.transformer = Transformer(config)
         self.clip = CLIP(config)
+        # a trainer's recipe, as plain data that travels in the checkpoint (README: Deviations): the one code of
+        # every all-black cell (-1: none, the paper's argmax), and the phrases guidance pulls towards
+        self.blank_code = -1
+        self.guide_phrases = []
 
     def tokenize(self, captions, dropout=0.0, rng=None):
         """captions (list of str) -> text (B, T_txt): lower-cased BPE ids, then the pad of each empty slot."""
@@ -698,8 +727,19 @@ class DALLE(nn.Module):
             rows.append(ids + [V + i for i in range(len(ids), T_txt)])  # a pad token per position (Sec 2.2)
         return torch.tensor(rows, dtype=torch.long, device=self.transformer.sos.device)  # (B, T_txt)
 
+    @torch.no_grad()
+    def image_codes(self, images):
+        """images (B, 3, H, W) in [0, 1] -> the codes the prior learns (B, h, w): the dVAE's argmax (Sec 2.2), every
+        all-black cell given the blank code when the recipe chose one."""
+        codes = self.vae.encode(images)  # (B, h, w)
+        if self.blank_code >= 0:
+            # DEVIATION: a blank cell carries nothing, so its argmax is arbitrary, and guessing among dozens of codes
+            # for empty cells took most of the prior's image loss (README: Deviations, the blank code)
+            codes[blank_cells(images, self.config.cell_size)] = self.blank_code
+        return codes
+
     def prompt_codes(self, codes, rows=None):
-        """An image's codes (B, h, w), vae.encode's -> the codes of its top rows (B, rows * w): 15 of 32 rows in the
+        """An image's codes (B, h, w), image_codes' -> the codes of its top rows (B, rows * w): 15 of 32 rows in the
         paper (Sec 3.3), the prompt every candidate of DALLE.generate keeps."""
         h = w = self.config.grid_size
         if codes.dim() != 3 or codes.shape[1:] != (h, w):
@@ -710,8 +750,10 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None, guidance=1.0):
         """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
-        guidance: classifier-free guidance scale s (Transformer.generate); 1 is the paper's sampling.
 
+        guidance s: classifier-free guidance (Transformer.generate; 1 is the paper's sampling). It pulls towards
+        what self.guide_phrases add to a prompt (its unconditional is the prompt without them; a prompt with none of
+        them is sampled as it is), or, with no guide phrases, towards the prompt (against the empty caption).
         image_prompt: (P or 1, m) codes of the first m cells, which every candidate keeps (Sec 3.3): prompt_codes'.
         Returns images (P, keep, 3, H, W) in [0, 1] and their CLIP scores (P, keep), best first."""
         if not prompts or keep < 1 or n < keep:
@@ -723,9 +765,12 @@ class DALLE(nn.Module):
         prompt = None
         if image_prompt is not None:
             prompt = image_prompt.to(device).expand(P, -1).repeat_interleave(n, dim=0)  # (P*N, m)
+        uncond = None
+        if self.guide_phrases:  # each prompt without its guide phrases
+            uncond = self.tokenize([without(p, self.guide_phrases) for p in prompts]).repeat_interleave(n, dim=0)
         generator = torch.Generator(device=device).manual_seed(seed)
         codes = self.transformer.generate(text, prompt, temperature, top_k, generator,
-                                          guidance=guidance)  # (P*N, T_img)
+                                          guidance=guidance, uncond=uncond)  # (P*N, T_img)
         images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)
@@ -736,7 +781,8 @@ class DALLE(nn.Module):
         """One dict of plain data, written atomically: a crash mid-write never clobbers the last checkpoint."""
         ckpt = {"format": FORMAT, "config": asdict(self.config), "tokenizer": self.tokenizer.to_dict(),
                 "vae": self.vae.state_dict(), "transformer": self.transformer.state_dict(),
-                "clip": self.clip.state_dict(), "step": step, **extra}
+                "clip": self.clip.state_dict(), "blank_code": self.blank_code,
+                "guide_phrases": list(self.guide_phrases), "step": step, **extra}
         tmp = f"{path}.tmp"
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
@@ -749,9 +795,9 @@ class DALLE(nn.Module):
         try:
             ckpt = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {_brief(e)}")
-        if isinstance(ckpt, dict) and ckpt.get("format") == "dalle.py/1":
-            raise CheckpointError(f"{path} was written by an older dalle.py (format dalle.py/1): train it again")
+            raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {brief(e)}")
+        if isinstance(ckpt, dict) and ckpt.get("format") in ("dalle.py/1", "dalle.py/2"):
+            raise CheckpointError(f"{path} was written by an older dalle.py (format {ckpt['format']}): train it again")
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a dalle.py checkpoint")
         try:
@@ -760,8 +806,9 @@ class DALLE(nn.Module):
             model = cls(config, BPETokenizer.from_dict(ckpt["tokenizer"]))
             for name in ("vae", "transformer", "clip"):
                 getattr(model, name).load_state_dict(ckpt[name])
+            model.blank_code, model.guide_phrases = int(ckpt["blank_code"]), list(ckpt["guide_phrases"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path} is incompatible with this dalle.py: {_brief(e)}")
+            raise CheckpointError(f"{path} is incompatible with this dalle.py: {brief(e)}")
         return model.to(device).eval(), ckpt
 
 # -----------------------------------------------------------------------------
@@ -841,7 +888,7 @@ def _stages(model, captions, images):
     logits = vae.logits(images)  # (B, K, h, w)
     codes = logits.argmax(1)  # (B, h, w): vae.encode, the prior's image tokens (Sec 2.2)
     mu, ln_b = vae.decode_soft(F.one_hot(codes, c.image_vocab_size).permute(0, 3, 1, 2).float())  # (B, 3, H, W)
-    prior_logits, _ = model.transformer(text, codes.flatten(1))  # (B, T, V + T_txt + K)
+    (logits_txt, logits_img), _ = model.transformer(text, codes.flatten(1))  # (B, T_txt, V + T_txt), (B, T_img, K)
     shape = lambda t: str(tuple(t.shape))  # noqa: E731
     # CLIP's text side reads each caption's length, which a meta tensor does not hold; its size is ours anyway
     scores = "(our CLIP is toy-sized)" if images.is_meta else shape(model.clip.score(text, images))  # (B,)
@@ -850,7 +897,8 @@ def _stages(model, captions, images):
             ("", "encoder: logits over K codes per cell", shape(logits)),
             ("", "codes: the argmax per cell", shape(codes)),
             ("", "decoder: mu and ln b per subpixel", f"{shape(mu)} x 2"),
-            ("3. prior", "logits: T positions x (V + T_txt + K)", shape(prior_logits)),
+            ("3. prior", "text logits: T_txt positions x (V + T_txt)", shape(logits_txt)),
+            ("", "image logits: T_img positions x K", shape(logits_img)),
             ("5. CLIP", "a score per (caption, image)", scores)]
 
 

@@ -130,6 +130,20 @@ def test_dvae_rejects_wrong_image_shapes():
         tiny_model().prompt_codes(vae.encode(torch.rand(1, 3, 16, 16)))  # a prompt's rows are rows of the grid
 
 
+def test_image_codes_give_every_blank_cell_the_blank_code():
+    model = tiny_model()  # 32 px, a 4x4 grid of 8x8 cells
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, 3:12, 3:12] = torch.rand(3, 9, 9) + 0.1  # touches cells (0, 0), (0, 1), (1, 0), (1, 1) of image 0
+    images[1, :, 20:23, 20:23] = 0.05  # faint, as a resized prompt's ringing: still blank
+    argmax = model.vae.encode(images)
+    assert torch.equal(model.image_codes(images), argmax)  # blank_code -1: plain argmax, as in the paper
+    model.blank_code = 5
+    codes = model.image_codes(images)
+    drawn = torch.zeros(2, 4, 4, dtype=torch.bool)
+    drawn[0, :2, :2] = True
+    assert torch.equal(codes[drawn], argmax[drawn]) and (codes[~drawn] == 5).all()
+
+
 def test_prompt_codes_are_the_top_rows_in_raster_order():
     codes = torch.arange(2 * 16).view(2, 4, 4)
     assert torch.equal(tiny_model().prompt_codes(codes), codes[:, :2].reshape(2, 8))  # round(15 / 32 * 4) = 2 rows
@@ -167,7 +181,7 @@ def test_dvae_loss_is_normalised_per_subpixel():
     gen = torch.Generator().manual_seed(0)
     loss0, s = vae(images, tau=1.0, beta=0.0, generator=gen)
     loss1, _ = vae(images, tau=1.0, beta=2.0, generator=torch.Generator().manual_seed(0))
-    assert math.isclose(loss0.item(), s["nll"].item(), rel_tol=1e-5)
+    assert math.isclose(loss0.item(), s["recon"].item(), rel_tol=1e-5)
     # the KL term counts h*w / (H*W*3) = 16 / 3072 per position (1/192)
     assert math.isclose((loss1 - loss0).item(), 2.0 * s["kl"].item() / 192, rel_tol=1e-4)
     assert math.isclose(s["kl_term"].item(), s["kl"].item() / 192, rel_tol=1e-6)
@@ -232,9 +246,10 @@ def test_paper_preset_size_and_logits_on_meta_device():
     c = DALLEConfig.paper()
     with torch.device("meta"):
         prior = Transformer(c)
-        logits, losses = prior(torch.zeros(1, 256, dtype=torch.long), torch.zeros(1, 1024, dtype=torch.long))
+        (logits_txt, logits_img), _ = prior(torch.zeros(1, 256, dtype=torch.long),
+                                            torch.zeros(1, 1024, dtype=torch.long))
     assert 11.5e9 < dalle.n_params(prior) < 12.5e9  # about 12B (Table 1)
-    assert logits.shape == (1, 1280, 16384 + 256 + 8192)
+    assert logits_txt.shape == (1, 256, 16384 + 256) and logits_img.shape == (1, 1024, 8192)
     assert c.n_embd // c.n_head == 64
 
 
@@ -288,33 +303,50 @@ def _random_batch(c, B=2, seed=0):
     return text, codes
 
 
+def _outputs(prior, text, codes):
+    """Every output position's logits in one (B, T, V + T_txt + K) tensor, position t in row t: the text
+    positions' over the text ids, the image positions' over the codes, each padded with zeros to the rest."""
+    logits_txt, logits_img = prior(text, codes)[0]
+    pad = torch.nn.functional.pad
+    return torch.cat([pad(logits_txt, (0, logits_img.shape[2])), pad(logits_img, (logits_txt.shape[2], 0))], dim=1)
+
+
 def test_prior_is_causal():
     torch.manual_seed(0)
     prior = Transformer(TINY).eval()
     text, codes = _random_batch(TINY)
-    logits, _ = prior(text, codes)
+    logits = _outputs(prior, text, codes)
     j = 6  # change image cell j: it is the input at position T_txt + 1 + j
     codes2 = codes.clone()
     codes2[:, j] = (codes2[:, j] + 1) % TINY.image_vocab_size
-    logits2, _ = prior(text, codes2)
+    logits2 = _outputs(prior, text, codes2)
     p = TINY.text_seq_len + 1 + j
     assert torch.allclose(logits[:, :p], logits2[:, :p], atol=1e-5)
     assert not torch.allclose(logits[:, p:], logits2[:, p:], atol=1e-5)
     text2 = text.clone()
     text2[:, 3] = (text2[:, 3] + 1) % TINY.text_vocab_size  # text token 3 is the input at position 4
-    logits3, _ = prior(text2, codes)
+    logits3 = _outputs(prior, text2, codes)
     assert torch.allclose(logits[:, :4], logits3[:, :4], atol=1e-5)
     assert not torch.allclose(logits[:, 4:], logits3[:, 4:], atol=1e-5)
 
 
 def test_text_positions_never_predict_image_ids_and_vice_versa():
+    """Text outputs score the V + T_txt text ids only, image outputs the K codes only, each through its own token
+    embeddings (tied): moving the embedding of a code that is not in the input moves that code's column of the image
+    logits and nothing else (fails if text outputs read the image rows, or if an untied head scores the codes)."""
     torch.manual_seed(0)
     prior = Transformer(TINY).eval()
     text, codes = _random_batch(TINY)
-    logits, _ = prior(text, codes)
-    probs = logits.softmax(-1)
-    T_txt, n_text_ids = TINY.text_seq_len, prior.config.n_text_ids
-    assert probs[:, :T_txt, n_text_ids:].sum() == 0 and probs[:, T_txt:, :n_text_ids].sum() == 0
+    K = TINY.image_vocab_size
+    codes = codes % (K - 1)  # code K - 1 is never an input
+    (logits_txt, logits_img), _ = prior(text, codes)
+    assert logits_txt.shape == (2, TINY.text_seq_len, prior.config.n_text_ids)
+    assert logits_img.shape == (2, TINY.image_seq_len, K)
+    with torch.no_grad():
+        prior.wte_img.weight[K - 1] += 1.0
+    (again_txt, again_img), _ = prior(text, codes)
+    assert torch.equal(again_txt, logits_txt) and torch.equal(again_img[..., :-1], logits_img[..., :-1])
+    assert not torch.allclose(again_img[..., -1], logits_img[..., -1])
 
 
 def test_loss_is_one_eighth_text_seven_eighths_image():
@@ -376,9 +408,8 @@ def test_guided_greedy_codes_are_the_argmax_of_uncond_plus_s_times_cond_minus_un
     text, _ = _random_batch(TINY, B=3)
     codes = prior.generate(text, top_k=1, guidance=s)  # (B, T_img), greedy
     empty = TINY.text_vocab_size + torch.arange(TINY.text_seq_len).expand_as(text)  # every slot its pad
-    V = prior.config.n_text_ids
     with torch.no_grad():  # the full forward over the finished sequence: the oracle for every step
-        cond, uncond = (prior(t, codes)[0][:, TINY.text_seq_len:, V:] for t in (text, empty))  # (B, T_img, K)
+        cond, uncond = (prior(t, codes)[0][1] for t in (text, empty))  # (B, T_img, K) each
     assert torch.equal(codes, (uncond + s * (cond - uncond)).argmax(-1))
     assert not torch.equal(codes, cond.argmax(-1))  # guidance changed the choice somewhere
 
@@ -657,8 +688,9 @@ def test_checker_rejects_what_the_caption_does_not_say():
     assert not train.judge(train.parse("a green triangle"), np.zeros((64, 64, 3), np.uint8))["all"]
 
 
-TINY_STEPS = ["--dvae-steps", "6", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64", "--eval-prompts", "2",
-              "--sample-every", "0", "--log-every", "1", "--dvae-batch", "4", "--prior-batch", "4", "--clip-batch", "4"]
+TINY_STEPS = ["--dvae-steps", "6", "--decoder-steps", "2", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64",
+              "--eval-prompts", "2", "--sample-every", "0", "--log-every", "1", "--dvae-batch", "4", "--decoder-batch",
+              "4", "--prior-batch", "4", "--clip-batch", "4"]
 TINY_RUN = TINY_STEPS + ["--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,clip_embd=16,"
                                      "clip_head=2"]  # --resume and --dvae-from take the sizes of their checkpoint
 
@@ -692,29 +724,16 @@ def test_bad_training_flags_exit_with_one_line(argv, capsys):
     assert e.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
 
 
-def test_dvae_codes_give_every_blank_cell_the_blank_code():
-    vae = DiscreteVAE(TINY).eval()  # 32 px, a 4x4 grid of 8x8 cells
-    images = torch.zeros(2, 3, 32, 32)
-    images[0, :, 3:12, 3:12] = torch.rand(3, 9, 9) + 0.1  # touches cells (0, 0), (0, 1), (1, 0), (1, 1) of image 0
-    images[1, :, 20:23, 20:23] = 0.05  # faint, as a resized prompt's ringing: still blank
-    argmax = vae.encode(images)
-    assert torch.equal(train.dvae_codes(vae, images), argmax)  # -1: plain argmax, as in the paper
-    codes = train.dvae_codes(vae, images, blank_code=5)
-    drawn = torch.zeros(2, 4, 4, dtype=torch.bool)
-    drawn[0, :2, :2] = True
-    assert torch.equal(codes[drawn], argmax[drawn]) and (codes[~drawn] == 5).all()
-
-
-def test_relaxed_loss_is_app_a_loss_with_logit_laplace_and_swaps_only_the_reconstruction_term_with_mse():
+def test_recipe_swaps_only_the_reconstruction_term_of_the_dvae_loss():
+    """train.py's recipe passes its squared error to DiscreteVAE.forward: the loss is that term plus the same KL term
+    (fails if the recipe computes a loss of its own beside the paper's, or drops the KL)."""
     torch.manual_seed(0)
     vae, images = DiscreteVAE(TINY), torch.rand(2, 3, 32, 32)
-    paper, _ = vae(images, 0.5, 2.0, generator=torch.Generator().manual_seed(0))
-    cfg = train.TrainConfig(dvae_recon="logit-laplace")
-    ours, _ = train.relaxed_loss(vae, images, 0.5, 2.0, cfg, torch.Generator().manual_seed(0))
-    assert torch.allclose(ours, paper)
-    mse, stats = train.relaxed_loss(vae, images, 0.5, 2.0, train.TrainConfig(), torch.Generator().manual_seed(0))
-    _, parts = vae(images, 0.5, 2.0, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(mse, torch.tensor(stats["mse"]) + 2.0 * parts["kl_term"])
+    loss, parts = vae(images, 0.5, 2.0, torch.Generator().manual_seed(0), train.squared_error)
+    x = dalle.map_pixels(images)
+    assert torch.allclose(parts["recon"], ((torch.sigmoid(parts["mu"]) - x) ** 2).mean())
+    assert torch.allclose(loss, parts["recon"] + 2.0 * parts["kl_term"])
+    assert train.recon_term(train.TrainConfig(dvae_recon="logit-laplace")) is logit_laplace_nll
 
 
 def test_best_of_n_is_the_mean_over_every_draw_of_n_candidates():
@@ -728,17 +747,23 @@ def test_best_of_n_is_the_mean_over_every_draw_of_n_candidates():
     assert math.isclose(train.best_of(right, 1), right.mean()) and train.best_of(right, 7) == right[:, 0].mean()
 
 
-def test_dvae_last_sixth_trains_the_decoder_alone():
-    cfg, args = train.parse_args(TINY_RUN + ["--dvae-steps", "12"])
+def test_decoder_stage_trains_the_decoder_alone_on_the_pools_codes():
+    """Stage 1b: the encoder (and so the prior's codes) stays as it was, the decoder learns (fails if the decoder
+    stage's optimiser holds the encoder, or if it trains nothing)."""
+    cfg, args = train.parse_args(TINY_RUN + ["--decoder-steps", "3"])
     pool = train.make_pool(cfg.pool, cfg.seed)
     model = train.build_model(cfg, pool, args.config)
+    state = {"step": 0, "history": {"dvae": [], "decoder": []}}
+    train.train_dvae(model, pool, cfg, torch.device("cpu"), state)
+    assert state["stage"] == "decoder" and state["blank_code"] >= 0
     encoder = {k: v.clone() for k, v in model.vae.encoder.state_dict().items()}
     decoder = {k: v.clone() for k, v in model.vae.decoder.state_dict().items()}
-    state = {"step": 10, "history": {"dvae": []}}  # 12 - 12 / 6: the decoder's two updates
-    train.train_dvae(model, pool, cfg, torch.device("cpu"), state)
+    model.blank_code = state["blank_code"]
+    codes = train.encode_pool(model, pool[1], torch.device("cpu"))
+    train.train_decoder(model, pool, codes, cfg, torch.device("cpu"), state)
     assert all(torch.equal(v, model.vae.encoder.state_dict()[k]) for k, v in encoder.items())  # codes unchanged
     assert not all(torch.equal(v, model.vae.decoder.state_dict()[k]) for k, v in decoder.items())
-    assert state["blank_code"] >= 0 and len(state["history"]["dvae"]) == 2
+    assert state["stage"] == "prior" and len(state["history"]["decoder"]) == 3
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,19 @@
 """
 Train DALL-E's three stages on the Shapes world, in paper order, on a laptop CPU:
-  1. the dVAE on pixels (Sec 2.1), 2. the transformer prior on the frozen dVAE's argmax codes (Sec 2.2),
-  3. CLIP for reranking (Sec 2.6). Then a report: how often the samples show what their captions say, for seen
-  objects and pairs, and for the three zero-shot kinds of world v2 that no training scene shows: objects in places
-  they never visit, pairs of objects never seen together, and colour-shape pairs never rendered.
+  1. the dVAE on pixels (Sec 2.1), and then its decoder alone on the argmax codes the prior will hand it,
+  2. the transformer prior on the frozen dVAE's codes (Sec 2.2),
+  3. CLIP, for reranking the prior's samples (Sec 2.6).
+Then a report: how often the samples show what their captions say, for seen objects and pairs, and for the three
+zero-shot kinds that no training scene shows: objects in places they never visit, pairs of objects never seen
+together, and colour-shape pairs never rendered.
 
-    python train.py                          # the default run: about 10 minutes on 2 CPU cores, writes out/dalle.pt
+    python train.py                          # the default run: about 7 minutes on 2 CPU cores, writes out/dalle.pt
     python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
     python train.py --dvae-from out/dalle.pt --out-dir out/ex   # keep that dVAE, train the prior and CLIP again
 
-Every training setting is in TrainConfig below, with its paper value; each is a flag (--help lists them).
-The Shapes world (shared/SHAPES.md) is made here on the fly: importing this file has no side effects.
+Read it top-down: the settings (TrainConfig, every one a flag), the recipe's parts, the stages, main. Below the
+double ruler: the Shapes world (README: The Shapes world), its checker, the report and its pictures.
+Importing this file has no side effects.
 """
 import argparse
 import functools
@@ -26,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from dalle import (CLIP, DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, Transformer,
+from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
                    draw_masks, gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, n_params,
-                   pick_device)
+                   pick_device, unmap_pixels)
 
 # -----------------------------------------------------------------------------
 # The training settings, each with its paper value and, where ours differs, why (README: Deviations).
@@ -43,30 +46,31 @@ def setting(default, why, choices=None):
 class TrainConfig:
     seed: int = setting(0, "same seed, same run")
     pool: int = setting(8000, "scenes rendered once for training; their captions are drawn afresh at each use")
-    log_every: int = setting(100, "updates between progress lines")
-    sample_every: int = setting(200, "prior updates between sample grids (0: never)")
+    log_every: int = setting(500, "updates between progress lines")
+    sample_every: int = setting(1000, "prior updates between sample grids (0: never)")
     # stage 1, the dVAE (Sec 2.1, App. A.2)
-    dvae_steps: int = setting(3000, "updates (paper: 3M); the last decoder_share of them train the decoder alone")
+    dvae_steps: int = setting(2500, "relaxed updates (paper: 3M)")
     dvae_batch: int = setting(8, "images per update (paper: 512): on a CPU, more small updates win")
-    dvae_lr: float = setting(1e-3, "peak lr of the relaxed updates (paper: 1e-4)")
+    dvae_lr: float = setting(1e-3, "peak lr (paper: 1e-4)")
     dvae_lr_end: float = setting(1 / 80, "the cosine decays the lr to this share of its peak (paper: 1e-4 -> 1.25e-6)")
     dvae_recon: str = setting("mse", "reconstruction term: the paper's logit-laplace (App. A.3) collapsed every "
                                      "short run to a few codes; mse is the squared error of sigmoid(mu)",
                               choices=("mse", "logit-laplace"))
     beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
     beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
-    dvae_crop: int = setting(32, "relaxed updates see a random crop this wide, whole cells (0: the whole image; "
-                                 "paper: whole images): a crop costs half as much, so more updates fit")
-    decoder_share: float = setting(1 / 6, "share of the dVAE updates, at the end, that train the decoder alone on "
-                                          "argmax codes (not in the paper)")
-    decoder_lr: float = setting(3e-4, "lr of the decoder phase, held")
+    dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: the whole image; paper: "
+                                 "whole images): a crop costs a third of a whole image, so more updates fit")
     logit_scale: float = setting(3.0, "the encoder's output conv starts this many times openai's init, so "
                                       "that codes beat the gumbel noise from the start")
     codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise: one-hot inputs look alike at first")
+    # stage 1b, the decoder on the codes the prior will hand it (not in the paper)
+    decoder_steps: int = setting(1500, "updates of the decoder alone on the frozen encoder's argmax codes")
+    decoder_batch: int = setting(16, "images per decoder update")
+    decoder_lr: float = setting(1e-3, "lr of the decoder updates, held")
     # stage 2, the transformer prior (Sec 2.2, App. B.2)
-    prior_steps: int = setting(1120, "updates (paper: about 430k)")
+    prior_steps: int = setting(3000, "updates (paper: about 430k)")
     prior_batch: int = setting(32, "captions per update (paper: 1024)")
-    prior_lr: float = setting(2e-3, "peak lr (paper: 4.5e-4)")
+    prior_lr: float = setting(4e-3, "peak lr (paper: 4.5e-4)")
     prior_warmup: float = setting(0.05, "share of the updates that warm the lr up (paper: 5k updates)")
     prior_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak (paper: on plateaus)")
     weight_decay: float = setting(4.5e-2, "the prior's AdamW weight decay (paper: 4.5e-2)")
@@ -74,9 +78,10 @@ class TrainConfig:
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
     pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as single objects "
                                   "(paper: the data as it comes): pairs are what the prior learns last")
-    null_caption: float = setting(0.0, "share of captions left empty, for sample.py --guidance (not in the paper)")
+    null_caption: float = setting(0.0, "share of captions left empty, for guidance against the empty caption "
+                                       "(not in the paper)")
     # stage 3, CLIP (Sec 2.6)
-    clip_steps: int = setting(350, "updates")
+    clip_steps: int = setting(650, "updates")
     clip_batch: int = setting(128, "(caption, image) pairs per update")
     clip_lr: float = setting(2e-3, "peak lr")
     clip_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak")
@@ -85,6 +90,9 @@ class TrainConfig:
     clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
                                             "each batch), as it will rank decoded samples")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
+    # sampling, in the report and in sample.py (Sec 2.6: temperature 1, no guidance)
+    guidance: float = setting(2.0, "classifier-free guidance towards the caption's position phrase: the caption "
+                                   "without it is the unconditional (1: the paper's sampling)")
     # the report
     eval_prompts: int = setting(96, "report prompts per group: one prompt moves a figure by about a point")
     candidates: int = setting(8, "candidates per report prompt, reranked by CLIP (paper: 512)")
@@ -92,7 +100,390 @@ class TrainConfig:
                                      "0: no curve)")
 
 # -----------------------------------------------------------------------------
-# The Shapes world: 64x64, black background, 8 colours, 4 shapes, 2 sizes, positions and relations
+# The recipe's parts: the optimiser, the learning-rate schedule, each update's random stream, the dVAE's terms
+
+
+def adamw(module, lr, betas, weight_decay, device):
+    """AdamW that decays the weight matrices only, not biases, gains or CLIP's temperature (nanoGPT's rule); fused
+    where torch has the kernel (one op for all the parameters instead of a dozen each)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cpu", "cuda"))
+
+
+def learning_rate(step, steps, peak, end=1.0, warmup=0.0):
+    """The one schedule of every stage: a linear warm-up over the first `warmup` share of the updates, then a
+    cosine from peak down to end * peak (end = 1: held)."""
+    warm = max(1, round(steps * warmup))
+    return peak * min(1.0, (step + 1) / warm) * cosine(step, steps, 1.0, end)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def step_rng(seed, stage, step):
+    """The random stream of one update (its scenes, crop, captions, BPE dropout): the same again on --resume."""
+    return random.Random(f"{stage} {seed} {step}")
+
+
+def random_crop(rng, images, codes, crop, cell):
+    """The same random crop of whole cells from images (B, 3, H, W) and, if given, their codes (B, h, w)."""
+    r, c = (rng.randrange((images.shape[2] - crop) // cell + 1) for _ in range(2))
+    images = images[:, :, r * cell:r * cell + crop, c * cell:c * cell + crop]  # (B, 3, crop, crop)
+    return images, None if codes is None else codes[:, r:r + crop // cell, c:c + crop // cell]
+
+
+def squared_error(x, mu, ln_b):
+    """The recipe's reconstruction term: (sigmoid(mu) - x)^2 per subpixel of the mapped pixels x; ln_b unused."""
+    return (torch.sigmoid(mu) - x) ** 2
+
+
+def pixel_mse(images, mu):
+    """The progress lines' mse: the reconstruction unmap(sigmoid(mu)) against the pixels in [0, 1], as the report's."""
+    return ((unmap_pixels(torch.sigmoid(mu.detach())) - images) ** 2).mean().item()
+
+
+def recon_term(cfg):
+    """The reconstruction term DiscreteVAE.forward uses: App. A.3's logit-Laplace NLL, or the squared error."""
+    # DEVIATION: with the NLL every short run collapsed to a few codes (README: Deviations, the dVAE loss)
+    return logit_laplace_nll if cfg.dvae_recon == "logit-laplace" else squared_error
+
+
+def choose_blank_code(vae, images):
+    """The code the encoder gives most often to the blank cells of images, or -1 if they have none."""
+    # DEVIATION: a blank cell carries nothing, so its argmax is arbitrary; one code for all of them (README)
+    blank = blank_cells(images, vae.config.cell_size)  # (B, h, w)
+    return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
+
+
+def check_finite(loss, stage, step):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
+                                 f"Try a lower learning rate or another --seed.")
+
+
+def log(stage, step, steps, losses, knobs, rate, eta_s):
+    print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
+
+# -----------------------------------------------------------------------------
+# The stages
+
+
+def train_dvae(model, pool, cfg, device, state):
+    """Stage 1 (Sec 2.1, App. A.2): the gumbel-softmax relaxation, tau 1 -> 1/16, the KL weight ramped up to beta."""
+    vae, steps, K = model.vae, cfg.dvae_steps, model.config.image_vocab_size
+    opt = adamw(vae, cfg.dvae_lr, (0.9, 0.999), 1e-4, device)  # App. A.2
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the gumbel noise
+    fixed = to_float(pool[1][:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
+    t0, start = time.time(), state.get("step", 0)
+    for step in range(start, steps):
+        rng = step_rng(cfg.seed, "dvae", step)
+        images = to_float(pool[1][rng.sample(range(len(pool[1])), cfg.dvae_batch)], device)  # (B, 3, H, W)
+        if cfg.dvae_crop:  # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
+            images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size)
+        set_lr(opt, learning_rate(step, steps, cfg.dvae_lr, cfg.dvae_lr_end))
+        tau, beta = gumbel_temperature(step, steps), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
+        loss, parts = vae(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
+        check_finite(loss, "dvae", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        mse = pixel_mse(images, parts["mu"])
+        state["history"]["dvae"].append([step, loss.item(), mse])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            with torch.no_grad():
+                used = vae.encode(fixed).unique().numel()
+            rate = (step + 1 - start) * cfg.dvae_batch / (time.time() - t0)
+            log("dvae", step, steps, f"loss {loss.item():7.4f} mse {mse:.4f} kl {parts['kl'].item():5.2f}",
+                f"tau {tau:.3f} beta {beta:.2f} | codes {used:3d}/{K}", f"{rate:6.0f} img/s",
+                (steps - step - 1) * cfg.dvae_batch / rate)
+        state.update(step=step + 1, opt=opt.state_dict())
+    # the encoder is frozen from here on: the codes of blank cells are one code from now on (README: Deviations)
+    state.update(stage="decoder", step=0, opt=None, blank_code=choose_blank_code(vae, fixed))
+
+
+def train_decoder(model, pool, codes, cfg, device, state):
+    """Stage 1b (not in the paper): the decoder alone learns to draw the frozen encoder's argmax codes of the pool,
+    the prior's tokens, on random crops: it learnt from gumbel samples of a q that the KL term keeps spread, and draws
+    argmax codes badly until it has seen them."""
+    # DEVIATION: the decoder phase (README: Deviations)
+    vae, steps, cell = model.vae, cfg.decoder_steps, model.config.cell_size
+    opt = adamw(vae.decoder, cfg.decoder_lr, (0.9, 0.999), 1e-4, device)
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    t0, start = time.time(), state.get("step", 0)
+    for step in range(start, steps):
+        rng = step_rng(cfg.seed, "decoder", step)
+        idx = rng.sample(range(len(codes)), cfg.decoder_batch)
+        images, batch = to_float(pool[1][idx], device), codes[idx].to(device)  # (B, 3, H, W), (B, h, w)
+        if cfg.dvae_crop:
+            images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell)
+        one_hot = F.one_hot(batch, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h', w')
+        mu, ln_b = vae.decode_soft(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 3, H', W') each
+        loss = recon_term(cfg)(map_pixels(images), mu, ln_b).mean()
+        check_finite(loss, "decoder", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        mse = pixel_mse(images, mu)
+        state["history"]["decoder"].append([step, loss.item(), mse])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            rate = (step + 1 - start) * cfg.decoder_batch / (time.time() - t0)
+            log("decoder", step, steps, f"loss {loss.item():7.4f} mse {mse:.4f}", f"lr {cfg.decoder_lr:.2e}",
+                f"{rate:6.0f} img/s", (steps - step - 1) * cfg.decoder_batch / rate)
+        state.update(step=step + 1, opt=opt.state_dict())
+    state.update(stage="prior", step=0, opt=None)
+
+
+def train_prior(model, pool, codes, cfg, device, state, out_dir):
+    """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout, AdamW (0.9, 0.96)."""
+    prior, steps = model.transformer, cfg.prior_steps
+    opt = adamw(prior, cfg.prior_lr, (0.9, 0.96), cfg.weight_decay, device)  # App. B.2
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    scenes, codes = pool[0], codes.flatten(1)  # codes (n, T_img)
+    # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
+    draws = [i for i, (_, relation) in enumerate(scenes) for _ in range(cfg.pair_weight if relation else 1)]
+    tokens = cfg.prior_batch * prior.config.block_size
+    t0, start = time.time(), state.get("step", 0)
+    for step in range(start, steps):
+        # DEVIATION: warm-up, then a cosine (paper: 5,000 updates of warm-up, then decay on plateaus)
+        lr = learning_rate(step, steps, cfg.prior_lr, cfg.prior_lr_end, cfg.prior_warmup)
+        set_lr(opt, lr)
+        rng = step_rng(cfg.seed, "prior", step)
+        idx = rng.sample(draws, cfg.prior_batch)
+        # DEVIATION: for guidance against the empty caption (not in the paper), a share of captions left empty
+        captions = ["" if rng.random() < cfg.null_caption else caption(*scenes[i], rng) for i in idx]
+        text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
+        _, losses = prior(text, codes[idx].to(device))
+        check_finite(losses["loss"], "prior", step)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)  # App. B.2
+        opt.step()
+        state["history"]["prior"].append([step, losses["text"].item(), losses["image"].item()])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            rate = (step + 1 - start) * tokens / (time.time() - t0)
+            log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
+                f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
+                (steps - step - 1) * tokens / rate)
+        if cfg.sample_every and step and step % cfg.sample_every == 0:
+            write_samples(model, PICTURE_PROMPTS, os.path.join(out_dir, f"samples_{step:05d}.png"), cfg.guidance)
+        state.update(step=step + 1, opt=opt.state_dict())
+    state.update(stage="clip", step=0, opt=None)
+
+
+def train_clip(model, pool, codes, cfg, device, state):
+    """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
+    clip, steps = model.clip, cfg.clip_steps
+    opt = adamw(clip, cfg.clip_lr, (0.9, 0.999), cfg.clip_weight_decay, device)
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    clip.visual.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
+    # CLIP will rank decoded samples, so it sees the dVAE's reconstructions of part of the pool, decoded once
+    recon_u8 = to_u8(model.vae.decode(codes[:round(len(codes) * cfg.clip_recon_share)].to(device)))  # (n, 3, H, W)
+    t0, start = time.time(), state.get("step", 0)
+    for step in range(start, steps):
+        set_lr(opt, learning_rate(step, steps, cfg.clip_lr, cfg.clip_lr_end, cfg.clip_warmup))
+        rng = step_rng(cfg.seed, "clip", step)
+        batch, images = clip_batch(pool, recon_u8, cfg, rng)
+        text = model.tokenize([caption(*s, rng) for s in batch])  # (B', T_txt)
+        loss = clip(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
+        check_finite(loss, "clip", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["history"]["clip"].append([step, loss.item()])
+        if step % cfg.log_every == 0 or step == steps - 1:
+            rate = (step + 1 - start) * cfg.clip_batch / (time.time() - t0)
+            log("clip", step, steps, f"loss {loss.item():6.3f}", f"temp {1 / clip.logit_scale.exp().item():.4f}",
+                f"{rate:6.0f} img/s", (steps - step - 1) * cfg.clip_batch / rate)
+        state.update(step=step + 1, opt=opt.state_dict())
+    state.update(stage="done", step=0, opt=None)
+
+# -----------------------------------------------------------------------------
+# main: the flags, a new model or a checkpoint's, the stages in order, the report
+
+
+DVAE_FIELDS = ("image_size", "n_hid", "n_blk_per_group", "n_init", "image_vocab_size")
+
+
+def parse_args(argv=None):
+    """The flags: one per TrainConfig field (--dvae-steps for dvae_steps), and what a run needs besides
+    -> (TrainConfig, the other arguments). A bad value is one line and exit status 2."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="out", help="where the checkpoint, pictures and report go (default out)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt (Ctrl-C saves one)")
+    p.add_argument("--dvae-from", default=None, metavar="CKPT",
+                   help="keep the dVAE (and tokenizer) of this checkpoint; train the prior and CLIP afresh")
+    p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
+    p.add_argument("--config", default="", help="DALLEConfig fields, e.g. n_layer=2,n_embd=64 (default: its own)")
+    for f in fields(TrainConfig):
+        flag, default, meta = "--" + f.name.replace("_", "-"), f.default, f.metadata
+        shown = f"{default:g}" if isinstance(default, float) else default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default, choices=meta["choices"],
+                           help=f"{meta['help']} (default {shown})")
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            p.error(f"--{f.name.replace('_', '-')} must not be negative, got {value}")
+    for name in ("pool", "log_every", "eval_prompts", "candidates", "dvae_batch", "decoder_batch", "prior_batch",
+                 "clip_batch"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if cfg.null_caption >= 1 or cfg.pair_weight < 1:
+        p.error("need --null-caption below 1 and --pair-weight at least 1")
+    if cfg.pool < 4 * max(cfg.dvae_batch, cfg.decoder_batch, cfg.prior_batch, cfg.clip_batch):
+        p.error("--pool must hold at least 4 batches of scenes")
+    try:  # DALLEConfig fields, each an integer: a typo is one line, not a traceback
+        args.config = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.config.split(",") if kv)}
+        config = DALLEConfig(**args.config)
+    except (ValueError, TypeError) as e:
+        p.error(f"--config takes DALLEConfig fields as name=integer, comma-separated: {brief(e)}")
+    if config.image_size != SIZE:
+        p.error(f"the Shapes world is drawn at {SIZE} px: --config image_size must be {SIZE}")
+    if cfg.dvae_crop % config.cell_size or cfg.dvae_crop > SIZE:
+        p.error(f"--dvae-crop must be whole {config.cell_size}-pixel cells within the {SIZE}-pixel image (0: no "
+                f"crop), got {cfg.dvae_crop}")
+    if args.config and args.resume:
+        p.error("--config sizes a new model: --resume keeps its checkpoint's")
+    if args.dvae_from and set(args.config) & set(DVAE_FIELDS):
+        p.error(f"--dvae-from keeps its checkpoint's dVAE: --config may size the prior and CLIP, not "
+                f"{', '.join(sorted(set(args.config) & set(DVAE_FIELDS)))}")
+    return cfg, args
+
+
+def build_model(cfg, pool, overrides=None):
+    """A new model: the BPE trained on the pool's captions, openai's dVAE init with the recipe's two scales."""
+    config = DALLEConfig(**(overrides or {}))
+    tokenizer = BPETokenizer()
+    rng = random.Random(cfg.seed)
+    corpus = "\n".join(caption(*pool[0][i], rng) for i in range(min(len(pool[0]), 5000)))
+    tokenizer.train(corpus, config.text_vocab_size)
+    model = DALLE(config, tokenizer)
+    model.guide_phrases = list(POSITIONS)  # what guidance pulls towards (README: Deviations, guidance)
+    # DEVIATION: two init scales on top of openai's init (the paper gives none for training): the encoder's logits
+    # must beat the gumbel noise, and the codebook's outputs must tell one-hot codes apart, from the start
+    with torch.no_grad():
+        model.vae.encoder.output.conv.weight.mul_(cfg.logit_scale)
+        model.vae.decoder.input.weight.mul_(cfg.codebook_scale)
+    return model
+
+
+def load_or_exit(path, device, why):
+    try:
+        return DALLE.load(path, device)
+    except CheckpointError as e:
+        sys.exit(f"error: {why}: {e}")
+
+
+def start(cfg, args, pool, device):
+    """-> (model, state): a new model, the checkpoint to --resume, or a checkpoint's dVAE for --dvae-from."""
+    history = {"dvae": [], "decoder": [], "prior": [], "clip": []}  # per-update losses, for the loss curves
+    if args.resume:
+        path = os.path.join(args.out_dir, "dalle.pt")
+        model, ckpt = load_or_exit(path, device, "cannot resume")
+        print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
+        return model, {"stage": ckpt["stage"], "step": ckpt["step"], "opt": ckpt.get("opt"),
+                       "blank_code": model.blank_code, "history": ckpt.get("history") or history,
+                       "seconds": ckpt.get("seconds") or {}}
+    if args.dvae_from:
+        old, ckpt = load_or_exit(args.dvae_from, device, "cannot take the dVAE")
+        if ckpt.get("stage") in ("dvae", "decoder"):
+            sys.exit(f"error: the dVAE of {args.dvae_from} is not trained yet: finish it with --resume")
+        try:
+            model = DALLE(replace(old.config, **args.config), old.tokenizer).to(device)
+        except ValueError as e:
+            sys.exit(f"error: --config does not fit the tokenizer of {args.dvae_from}: {brief(e)}")
+        model.vae, model.blank_code, model.guide_phrases = old.vae, old.blank_code, list(POSITIONS)
+        history.update({k: (ckpt.get("history") or history)[k] for k in ("dvae", "decoder")})
+        print(f"the dVAE and tokenizer of {args.dvae_from}; the prior and CLIP start afresh")
+        return model, {"stage": "prior", "step": 0, "blank_code": old.blank_code, "history": history}
+    return build_model(cfg, pool, args.config).to(device), {"stage": "dvae", "step": 0, "blank_code": -1,
+                                                            "history": history}
+
+
+def timed(state, stage, fn):
+    """Run fn, adding its wall time to state["seconds"][stage] (the report's stage times) -> what fn returns."""
+    t0 = time.time()
+    result = fn()
+    seconds = state.setdefault("seconds", {})
+    seconds[stage] = seconds.get(stage, 0.0) + time.time() - t0
+    return result
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if args.benchmark:
+        return benchmark(device)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    t_start = time.time()
+    pool = make_pool(cfg.pool, cfg.seed)  # (scenes, uint8 renders (n, 3, H, W))
+    model, state = start(cfg, args, pool, device)
+    model.train()
+    model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
+    c = model.config
+    print(f"device {device}, {torch.get_num_threads()} threads | dVAE {n_params(model.vae) / 1e6:.2f}M, "
+          f"transformer {n_params(model.transformer) / 1e6:.2f}M, CLIP {n_params(model.clip) / 1e6:.2f}M params | "
+          f"{c.image_size}px -> {c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} "
+          f"tokens (BPE vocab {len(model.tokenizer.vocab)})")
+
+    def save():  # the recipe travels with the weights as plain data: the settings, the losses, the stage times
+        model.blank_code = state["blank_code"]
+        model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"), train=asdict(cfg),
+                   history=state["history"], seconds=state.get("seconds", {}))
+    try:
+        if state["stage"] == "dvae":  # 1. the dVAE on pixels
+            timed(state, "dvae", lambda: train_dvae(model, pool, cfg, device, state))
+            save()
+        model.blank_code = state["blank_code"]
+        codes = timed(state, "encode", lambda: encode_pool(model, pool[1], device))  # (n, h, w): the prior's tokens
+        if state["stage"] == "decoder":  # 1b. its decoder on the frozen encoder's codes
+            timed(state, "decoder", lambda: train_decoder(model, pool, codes, cfg, device, state))
+            save()
+            write_recon(model, pool, device, out("dvae_recon.png"))
+        if state["stage"] == "prior":  # 2. the prior on [caption | codes]
+            timed(state, "prior", lambda: train_prior(model, pool, codes, cfg, device, state, args.out_dir))
+            save()
+        if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
+            timed(state, "clip", lambda: train_clip(model, pool, codes, cfg, device, state))
+            save()
+    except KeyboardInterrupt:
+        save()
+        print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
+              f"continue with: python train.py --resume")
+        sys.exit(130)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
+    write_report(model, cfg, pool, codes, device, state, out, t_start)
+
+
+# =============================================================================
+# Below: the Shapes world, its checker, the report and its pictures. Nothing above depends on how they work, only on
+# make_pool, caption, clip_batch and the report; a world of your own replaces this half.
+
+
+# -----------------------------------------------------------------------------
+# The Shapes world (README: The Shapes world): 64x64, black background, 8 colours, 4 shapes, 2 sizes, positions and relations
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230), "yellow": (240, 220, 40),
            "purple": (150, 60, 200), "orange": (245, 140, 30), "cyan": (40, 210, 220), "white": (235, 235, 235)}
@@ -367,7 +758,7 @@ def _classify(mask):
             if min(bh, bw) - 5 + grow < 2:
                 continue
             tpl = _template(shape, bh, bw, grow)
-            iou = (tpl & window).sum() / (tpl | window).sum()
+            iou = np.count_nonzero(tpl & window) / np.count_nonzero(tpl | window)
             if iou > best_iou:
                 best, best_iou = shape, iou
     return best
@@ -379,8 +770,8 @@ def read_objects(image):
     outline takes in the dark halo around it that still holds HALO of its colour (a soft edge, not a new object)."""
     img = image.astype(np.float32)
     palette = np.array(list(COLOURS.values()), np.float32)  # (8, 3)
-    dist = np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1)  # (64, 64, 8)
-    label = np.where((dist.min(-1) < 80) & (img.max(-1) > 60), dist.argmin(-1), -1)  # (64, 64)
+    dist2 = (img ** 2).sum(-1, keepdims=True) - 2 * img @ palette.T + (palette ** 2).sum(-1)  # (64, 64, 8): squared
+    label = np.where((dist2.min(-1) < 80 ** 2) & (img.max(-1) > 60), dist2.argmin(-1), -1)  # (64, 64)
     objects = []
     for i in np.unique(label[label >= 0]):
         colour = list(COLOURS)[i]
@@ -439,17 +830,31 @@ def make_pool(n, seed):
     return scenes, render_all([objs for objs, _ in scenes]).contiguous()  # (n, 3, 64, 64) uint8
 
 
+def clip_batch(pool, recon_u8, cfg, rng):
+    """One CLIP batch -> (scenes, uint8 images (B', 3, H, W)): half dVAE reconstructions, half renders, all distinct
+    scenes, and with clip_swaps each two-object scene's swapped twin."""
+    scenes, images_u8 = pool
+    n_rec, half = len(recon_u8), cfg.clip_batch // 2
+    idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), cfg.clip_batch - half)
+    batch = [scenes[i] for i in idx]
+    images = torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]])  # (B, 3, H, W) uint8
+    if cfg.clip_swaps:
+        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
+        # only in binding or relation meet in one batch (README: Deviations)
+        twins = [t for t in (swapped(*s, rng) for s in batch if s[1] is not None) if t is not None]
+        if twins:
+            batch += twins
+            images = torch.cat([images, render_all([o for o, _ in twins])])  # (B + twins, 3, H, W)
+    return batch, images
+
+
+
 def to_float(images_u8, device):
     return images_u8.to(device).float() / 255  # (B, 3, H, W) in [0, 1]
 
 
 def to_u8(images):
     return (images * 255).round().byte().cpu()  # images in [0, 1] -> uint8 on the CPU, same shape
-
-
-def step_rng(seed, stage, step):
-    """The random stream of one update (its scenes, crop, captions, BPE dropout): the same again on --resume."""
-    return random.Random(f"{stage} {seed} {step}")
 
 
 PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above a red square",  # seen
@@ -472,244 +877,30 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 # -----------------------------------------------------------------------------
-# The Shapes world's dVAE recipe: what it adds to the dVAE of Sec 2.1 (README: Deviations). It travels in the
-# checkpoint as plain data (the settings, the blank code), and sample.py applies it to image prompts too.
-
-
-def blank_cells(images):
-    """images (B, 3, H, W) -> (B, h, w) bool: the 8x8 cells whose pixels are all black (below 0.1, so that the faint
-    ringing of a resized image prompt still counts as black)."""
-    B, _, H, W = images.shape
-    return images.reshape(B, 3, H // 8, 8, W // 8, 8).amax(dim=(1, 3, 5)) < 0.1  # (B, h, w)
+# The report: what the samples show, read back by the checker, and the pictures of the README
 
 
 @torch.no_grad()
-def dvae_codes(vae, images, blank_code=-1):
-    """images (B, 3, H, W) -> the codes (B, h, w) the prior learns and is prompted with: the argmax (Sec 2.2), but
-    every all-black cell gets the one blank code (-1: none, the paper's codes)."""
-    # DEVIATION: a blank cell carries nothing, so its argmax is arbitrary, and guessing dozens of codes for one
-    # empty cell took most of the prior's image loss (README: Deviations, the blank code)
-    codes = vae.encode(images)  # (B, h, w)
-    if blank_code >= 0:
-        codes[blank_cells(images)] = blank_code
-    return codes
-
-
-def choose_blank_code(vae, images):
-    """The code the encoder gives most often to the blank cells of images, or -1 if they have none."""
-    blank = blank_cells(images)  # (B, h, w)
-    return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
-
-
-def pixel_mse(images, mu):
-    """The squared error of the decoder's sigmoid(mu) against the mapped pixels (App. A.3's map), per subpixel."""
-    return ((torch.sigmoid(mu) - map_pixels(images)) ** 2).mean()
-
-
-def recon_term(cfg, images, mu, ln_b):
-    """The reconstruction term per subpixel: App. A.3's logit-Laplace NLL, or the squared error of sigmoid(mu)."""
-    if cfg.dvae_recon == "logit-laplace":
-        return logit_laplace_nll(map_pixels(images), mu, ln_b).mean()
-    # DEVIATION: with the NLL every short run collapsed to a few codes (README: Deviations, the dVAE loss)
-    return pixel_mse(images, mu)
-
-
-def relaxed_loss(vae, images, tau, beta, cfg, generator):
-    """App. A's loss (vae's forward) with the recipe's reconstruction term -> (loss, stats for the progress line)."""
-    _, parts = vae(images, tau, beta, generator=generator)
-    loss = recon_term(cfg, images, parts["mu"], parts["ln_b"]) + beta * parts["kl_term"]
-    return loss, {"mse": pixel_mse(images, parts["mu"]).item(), "kl": parts["kl"].item()}
-
-
-def decoder_loss(vae, images, blank_code, cfg):
-    """The decoder phase: the decoder alone on the argmax codes that the prior learns and will hand it."""
-    # DEVIATION (not in the paper): the decoder learnt from gumbel samples of q, which keeps its entropy under the KL
-    # term, and decodes argmax codes badly until it has seen them (README: Deviations, the decoder phase)
-    codes = dvae_codes(vae, images, blank_code)  # (B, h, w): the encoder is frozen, the codes stay as they are
-    one_hot = F.one_hot(codes, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h, w)
-    mu, ln_b = vae.decode_soft(one_hot)  # (B, 3, H, W) each
-    return recon_term(cfg, images, mu, ln_b), {"mse": pixel_mse(images, mu).item(), "kl": 0.0}
-
-# -----------------------------------------------------------------------------
-# The three stages
-
-
-def train_dvae(model, pool, cfg, device, state):
-    """Stage 1 (Sec 2.1, App. A.2): the gumbel-softmax relaxation, tau 1 -> 1/16, the KL weight ramped up to beta;
-    then, for the last decoder_share of the updates, the decoder alone on the encoder's argmax codes."""
-    vae, steps, K = model.vae, cfg.dvae_steps, model.config.image_vocab_size
-    relaxed = steps - round(steps * cfg.decoder_share)  # updates with the relaxation; the rest: the decoder phase
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.dvae_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)  # A.2
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the gumbel noise
-    fixed = to_float(pool[1][:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
-    cell = SIZE // model.config.grid_size
-    t0, start = time.time(), state.get("step", 0)
-    for step in range(start, steps):
-        rng = step_rng(cfg.seed, "dvae", step)
-        images = to_float(pool[1][rng.sample(range(len(pool[1])), cfg.dvae_batch)], device)  # (B, 3, H, W)
-        images = images.contiguous(memory_format=torch.channels_last)
-        if step < relaxed:
-            if cfg.dvae_crop:  # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
-                y, x = (cell * rng.randrange((SIZE - cfg.dvae_crop) // cell + 1) for _ in range(2))
-                images = images[:, :, y:y + cfg.dvae_crop, x:x + cfg.dvae_crop]  # (B, 3, crop, crop)
-            lr = cosine_lr(step, relaxed, cfg.dvae_lr, cfg.dvae_lr * cfg.dvae_lr_end)
-            tau, beta = gumbel_temperature(step, relaxed), kl_weight(step, relaxed * cfg.beta_ramp, cfg.beta)
-            loss, stats = relaxed_loss(vae, images, tau, beta, cfg, gen)
-            knobs = f"tau {tau:.3f} beta {beta:.2f}"
-        else:
-            if state.get("blank_code") is None:  # once, as the phase begins: the encoder is frozen from here on
-                state["blank_code"] = choose_blank_code(vae, fixed)
-            lr, knobs = cfg.decoder_lr, "decoder on argmax codes"
-            loss, stats = decoder_loss(vae, images, state["blank_code"], cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        check_finite(loss, "dvae", step)
-        opt.zero_grad(set_to_none=True)  # in the decoder phase the encoder has no gradients: AdamW leaves it be
-        loss.backward()
-        opt.step()
-        state["history"]["dvae"].append([step, loss.item(), stats["mse"]])
-        if step % cfg.log_every == 0 or step == steps - 1 or step == relaxed:
-            with torch.no_grad():
-                used = vae.encode(fixed).unique().numel()
-            rate = (step + 1 - start) * cfg.dvae_batch / (time.time() - t0)
-            log("dvae", step, steps, f"loss {loss.item():7.4f} mse {stats['mse']:.4f} kl {stats['kl']:5.2f}",
-                f"{knobs} | codes {used:3d}/{K}", f"{rate:6.0f} img/s", (steps - step - 1) * cfg.dvae_batch / rate)
-        state.update(step=step + 1, opt=opt.state_dict())
-    if state.get("blank_code") is None:  # a run with no decoder phase
-        state["blank_code"] = choose_blank_code(vae, fixed)
-    state.update(stage="prior", step=0, opt=None)
-
-
-def train_prior(model, pool, codes, cfg, device, state, out_dir):
-    """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout, AdamW (0.9, 0.96)."""
-    prior, steps = model.transformer, cfg.prior_steps
-    opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_lr, betas=(0.9, 0.96), eps=1e-8,  # App. B.2
-                            weight_decay=cfg.weight_decay)
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
-    scenes = pool[0]
-    # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
-    draws = [i for i, (_, relation) in enumerate(scenes) for _ in range(cfg.pair_weight if relation else 1)]
-    warmup = max(1, round(steps * cfg.prior_warmup))
-    t0, start = time.time(), state.get("step", 0)
-    for step in range(start, steps):
-        # DEVIATION: warm-up, then a cosine (paper: 5,000 updates of warm-up, then decay on plateaus)
-        lr = cfg.prior_lr * min(1, (step + 1) / warmup) * cosine_lr(step, steps, 1, cfg.prior_lr_end)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rng = step_rng(cfg.seed, "prior", step)
-        idx = rng.sample(draws, cfg.prior_batch)
-        # DEVIATION: for classifier-free guidance (not in the paper), a share of the captions is left empty (all pads)
-        captions = ["" if rng.random() < cfg.null_caption else caption(*scenes[i], rng) for i in idx]
-        text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
-        _, losses = prior(text, codes[idx].to(device))
-        check_finite(losses["loss"], "prior", step)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)  # App. B.2
-        opt.step()
-        state["history"]["prior"].append([step, losses["text"].item(), losses["image"].item()])
-        if step % cfg.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * cfg.prior_batch * prior.config.block_size / (time.time() - t0)
-            log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
-                f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
-                (steps - step - 1) * cfg.prior_batch * prior.config.block_size / rate)
-        if cfg.sample_every and step and step % cfg.sample_every == 0:
-            write_samples(model, PICTURE_PROMPTS, os.path.join(out_dir, f"samples_{step:05d}.png"))
-        state.update(step=step + 1, opt=opt.state_dict())
-    state.update(stage="clip", step=0, opt=None)
-
-
-def clip_batch(pool, recon_u8, cfg, rng):
-    """One CLIP batch -> (scenes, uint8 images (B', 3, H, W)): half dVAE reconstructions, half renders, all distinct
-    scenes, and with clip_swaps each two-object scene's swapped twin."""
-    scenes, images_u8 = pool
-    n_rec, half = len(recon_u8), cfg.clip_batch // 2
-    idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), cfg.clip_batch - half)
-    batch = [scenes[i] for i in idx]
-    images = torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]])  # (B, 3, H, W) uint8
-    if cfg.clip_swaps:
-        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
-        # only in binding or relation meet in one batch (README: Deviations)
-        twins = [t for t in (swapped(*s, rng) for s in batch if s[1] is not None) if t is not None]
-        if twins:
-            batch += twins
-            images = torch.cat([images, render_all([o for o, _ in twins])])  # (B + twins, 3, H, W)
-    return batch, images
-
-
-def train_clip(model, pool, codes, cfg, device, state):
-    """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
-    clip, steps, h = model.clip, cfg.clip_steps, model.config.grid_size
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=cfg.clip_weight_decay)
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
-    # CLIP will rank decoded samples, so it sees the dVAE's reconstructions of part of the pool, decoded once
-    n_rec = round(len(pool[0]) * cfg.clip_recon_share)
-    recon_u8 = to_u8(model.vae.decode(codes[:n_rec].view(-1, h, h).to(device)))  # (n_rec, 3, H, W)
-    warmup = max(1, round(steps * cfg.clip_warmup))
-    t0, start = time.time(), state.get("step", 0)
-    for step in range(start, steps):
-        for g in opt.param_groups:
-            g["lr"] = min(1, (step + 1) / warmup) * cosine_lr(step, steps, cfg.clip_lr, cfg.clip_lr * cfg.clip_lr_end)
-        rng = step_rng(cfg.seed, "clip", step)
-        batch, images = clip_batch(pool, recon_u8, cfg, rng)
-        text = model.tokenize([caption(*s, rng) for s in batch])  # (B', T_txt)
-        loss = clip(text, to_float(images, device))
-        check_finite(loss, "clip", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        state["history"]["clip"].append([step, loss.item()])
-        if step % cfg.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * cfg.clip_batch / (time.time() - t0)
-            log("clip", step, steps, f"loss {loss.item():6.3f}", f"temp {1 / clip.logit_scale.exp().item():.4f}",
-                f"{rate:6.0f} img/s", (steps - step - 1) * cfg.clip_batch / rate)
-        state.update(step=step + 1, opt=opt.state_dict())
-    state.update(stage="done", step=0, opt=None)
-
-
-def cosine_lr(step, total, top, bottom):
-    return bottom + (top - bottom) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1)))
-
-
-def check_finite(loss, stage, step):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
-                                 f"Try a lower learning rate or another --seed.")
-
-
-def log(stage, step, steps, losses, knobs, rate, eta_s):
-    print(f"{stage:<5} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
+def encode_pool(model, images_u8, device, batch=32):  # on 2 CPU threads, 32 at a time runs ~2x faster than 512
+    """uint8 images (n, 3, H, W) -> the codes the prior learns (n, h, w), on the CPU."""
+    return torch.cat([model.image_codes(to_float(images_u8[i:i + batch], device).contiguous(
+        memory_format=torch.channels_last)).cpu() for i in range(0, len(images_u8), batch)])  # (n, h, w)
 
 
 @torch.no_grad()
-def write_samples(model, prompts, path, n=8, keep=4):
+def write_samples(model, prompts, path, guidance, n=8, keep=4):
     model.eval()
-    images, _ = model.generate(prompts, n=n, keep=keep, seed=0)  # (P, keep, 3, H, W)
+    images, _ = model.generate(prompts, n=n, keep=keep, seed=0, guidance=guidance)  # (P, keep, 3, H, W)
     image_grid(images).save(path)
     model.train()
 
 
 @torch.no_grad()
-def write_recon(model, pool, device, blank_code, path, n=8):
+def write_recon(model, pool, device, path, n=8):
     model.eval()
     images = to_float(pool[1][:n], device)
-    recon = model.vae.decode(dvae_codes(model.vae, images, blank_code))
-    image_grid(torch.stack([images, recon])).save(path)  # row 1 originals, row 2 reconstructions
+    image_grid(torch.stack([images, model.vae.decode(model.image_codes(images))])).save(path)  # renders over recons
     model.train()
-
-# -----------------------------------------------------------------------------
-# The report: what the samples show, read back by the checker, and the pictures of the README
-
-
-@torch.no_grad()
-def encode_pool(model, images_u8, device, blank_code, batch=32):  # on 2 CPU threads, 32 runs ~2x faster than 512
-    return torch.cat([dvae_codes(model.vae, to_float(images_u8[i:i + batch], device).contiguous(
-        memory_format=torch.channels_last), blank_code).flatten(1).cpu()
-        for i in range(0, len(images_u8), batch)])  # (n, T_img)
 
 
 def checker_right(scenes, images_u8):
@@ -726,7 +917,7 @@ def by_size(scenes, right):
 
 
 @torch.no_grad()
-def report_dvae(model, cfg, device, blank_code, codes_pool, n=128):
+def report_dvae(model, cfg, device, codes_pool, n=128):
     """The dVAE's reconstructions of n scenes per report group, read back by the checker -> (lines, picture rows)."""
     c, lines, rows = model.config, [], []
     rng = random.Random(cfg.seed + 7)
@@ -734,12 +925,12 @@ def report_dvae(model, cfg, device, blank_code, codes_pool, n=128):
     all_scenes = sum(scenes.values(), [])
     images_u8 = render_all([o for o, _ in all_scenes])  # (6n, 3, H, W)
     images = to_float(images_u8, device)  # (6n, 3, H, W)
-    codes = dvae_codes(model.vae, images, blank_code)  # (6n, h, w)
+    codes = model.image_codes(images)  # (6n, h, w)
     recon = model.vae.decode(codes)  # (6n, 3, H, W)
     recon_u8, used = to_u8(recon), codes_pool.unique().numel()
     lines.append(f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} (pixels in [0, 1]); "
                  f"codebook usage {used}/{c.image_vocab_size} = {used / c.image_vocab_size:.0%} of K "
-                 f"(blank cells all get code {blank_code})")
+                 f"(blank cells all get code {model.blank_code})")
     right = {"clean": checker_right(all_scenes, images_u8), "recon": checker_right(all_scenes, recon_u8)}
     lines.append(f"checker on {len(all_scenes)} clean renders: {np.mean(right['clean']):.1%} right; on their dVAE "
                  f"reconstructions ({n} scenes a group):")
@@ -772,7 +963,7 @@ def report_samples(model, cfg, by_group):
     lines.append(f"samples ({N} a prompt): right = every object and attribute the caption names, nothing else; "
                  f"random = mean of the {N}, best = CLIP's pick, any = a right one among the {N}")
     for group, prompts in by_group.items():
-        images, scores = model.generate(prompts, n=N, keep=N, seed=cfg.seed)  # (P, N, 3, H, W), best first
+        images, scores = model.generate(prompts, n=N, keep=N, seed=cfg.seed, guidance=cfg.guidance)  # best first
         r = judge_all(prompts, images)  # (P, N) each
         results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
         a = results[group]["all"]
@@ -802,7 +993,8 @@ def rerank_curve(model, cfg, by_group, ns=(1, 2, 4, 8, 16, 32)):
     from max(ns) candidates for each of the first curve_prompts prompts of each group -> (lines, {group: [%]})."""
     curve = {}
     for group, prompts in by_group.items():
-        images, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1)
+        images, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1,
+                                   guidance=cfg.guidance)
         right = judge_all(prompts[:cfg.curve_prompts], images)["all"]  # (P, max(ns)), best first
         curve[group] = [100 * best_of(right, n) for n in ns]
     lines = [f"reranking (Fig. 9c): % of CLIP's picks right, best of N candidates ({len(images)} prompts a group, "
@@ -819,7 +1011,7 @@ def cell_patches(images_u8, cell):
 
 
 @torch.no_grad()
-def patch_limit(model, pool, device, blank_code, path):
+def patch_limit(model, pool, device, path):
     """Why held-out colour-shape pairs fail (README): how many of a held-out object's cells show pixels that no
     training image shows (with the code grid's cells, and with cells half as wide), and a picture: each held-out
     kind small and large, its unseen cells outlined, beside its dVAE reconstruction."""
@@ -837,7 +1029,7 @@ def patch_limit(model, pool, device, blank_code, path):
         box = outlined[n, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]  # (3, cell, cell), a view
         box[:, [0, -1], :] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
         box[:, :, [0, -1]] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
-    recon = model.vae.decode(dvae_codes(model.vae, to_float(renders, device), blank_code))  # (16, 3, H, W)
+    recon = model.vae.decode(model.image_codes(to_float(renders, device)))  # (16, 3, H, W)
     pairs = torch.stack([outlined, recon], 1).reshape(2, 8 * 2, *recon.shape[1:])  # (2 sizes, 8 kinds x 2, 3, H, W)
     grid = image_grid(pairs)
     grid.resize((2 * grid.width, 2 * grid.height), Image.NEAREST).save(path)  # twice the size, to see the cells
@@ -910,7 +1102,8 @@ def smooth(values, k=25):
 def draw_losses(history, path):
     """The default run's loss curves, one panel per stage, from the per-update losses in the checkpoint."""
     panels = []
-    for stage, names in (("dvae", ("loss", "mse")), ("prior", ("text", "image")), ("clip", ("loss",))):
+    for stage, names in (("dvae", ("loss", "mse")), ("decoder", ("loss",)), ("prior", ("text", "image")),
+                         ("clip", ("loss",))):
         rows = history.get(stage) or []
         if rows:
             steps = [r[0] + 1 for r in rows]
@@ -919,14 +1112,15 @@ def draw_losses(history, path):
     if panels:
         plot(panels, path)
 
+
 # -----------------------------------------------------------------------------
-# Speed, flags, and main: the three stages in order, then the report
+# Speed: the reference config of issue #2 against DALLE-pytorch (README: Speed)
 
 
 def benchmark(device):
     """Speed at the reference config of issue #2 (lucidrains/DALLE-pytorch's figures were taken at it):
     64 px, 8x8 codes, K 512, text 32 tokens of a 1024 vocab, n_embd 256, 4 layers, 8 heads, batch 32."""
-    c = DALLEConfig(n_embd=256, n_head=8, n_layer=4)
+    c = DALLEConfig(text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
     tokenizer = BPETokenizer()
     tokenizer.train(" ".join(caption(*random_scene(random.Random(i)), random.Random(i)) for i in range(500)), 1024)
     model = DALLE(c, tokenizer).to(device)
@@ -957,144 +1151,25 @@ def benchmark(device):
           f"{32 * c.block_size / step:,.0f} tokens/s; 16 images generated, decoded and scored {gen:.3f} s")
 
 
-def parse_args(argv=None):
-    """The flags: one per TrainConfig field (--dvae-steps for dvae_steps), and what a run needs besides
-    -> (TrainConfig, the other arguments)."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="out", help="where the checkpoint, pictures and report go (default out)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt (Ctrl-C saves one)")
-    p.add_argument("--dvae-from", default=None, metavar="CKPT",
-                   help="keep the dVAE (and tokenizer) of this checkpoint; train the prior and CLIP afresh")
-    p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
-    p.add_argument("--config", default="", help="DALLEConfig fields, e.g. n_layer=2,n_embd=64 (default: its own)")
-    for f in fields(TrainConfig):
-        flag, default, meta = "--" + f.name.replace("_", "-"), f.default, f.metadata
-        shown = f"{default:g}" if isinstance(default, float) else default
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
-        else:
-            p.add_argument(flag, type=type(default), default=default, choices=meta["choices"],
-                           help=f"{meta['help']} (default {shown})")
-    args = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            p.error(f"--{f.name.replace('_', '-')} must not be negative, got {value}")
-    for name in ("pool", "log_every", "eval_prompts", "candidates", "dvae_batch", "prior_batch", "clip_batch"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if cfg.dvae_crop % 8 or cfg.dvae_crop > SIZE:
-        p.error(f"--dvae-crop must be whole 8-pixel cells within the {SIZE}-pixel image (0: no crop), "
-                f"got {cfg.dvae_crop}")
-    if cfg.null_caption >= 1 or cfg.pair_weight < 1 or cfg.decoder_share >= 1:
-        p.error("need --null-caption and --decoder-share below 1, and --pair-weight at least 1")
-    if args.config and (args.resume or args.dvae_from):
-        p.error("--config sizes a new model: --resume and --dvae-from keep their checkpoint's")
-    if cfg.pool < 4 * max(cfg.dvae_batch, cfg.prior_batch, cfg.clip_batch):
-        p.error("--pool must hold at least 4 batches of scenes")
-    return cfg, args
 
-
-def build_model(cfg, pool, config_overrides=""):
-    overrides = dict(kv.split("=") for kv in config_overrides.split(",") if kv)
-    config = DALLEConfig(**{k: int(v) for k, v in overrides.items()})
-    tokenizer = BPETokenizer()
-    rng = random.Random(cfg.seed)
-    corpus = "\n".join(caption(*pool[0][i], rng) for i in range(min(len(pool[0]), 5000)))
-    tokenizer.train(corpus, config.text_vocab_size)
-    model = DALLE(config, tokenizer)
-    # DEVIATION: two init scales on top of openai's init (the paper gives none for training): the encoder's logits
-    # must beat the gumbel noise, and the codebook's outputs must tell one-hot codes apart, from the start
-    with torch.no_grad():
-        model.vae.encoder.output.conv.weight.mul_(cfg.logit_scale)
-        model.vae.decoder.input.weight.mul_(cfg.codebook_scale)
-    return model
-
-
-def load_or_exit(path, device, why):
-    try:
-        return DALLE.load(path, device)
-    except CheckpointError as e:
-        sys.exit(f"error: {why}: {e}")
-
-
-def start(cfg, args, pool, device):
-    """-> (model, state): a new model, the checkpoint to --resume, or a checkpoint's dVAE for --dvae-from."""
-    history = {"dvae": [], "prior": [], "clip": []}  # per-update losses, for the loss curves
-    if args.resume:
-        path = os.path.join(args.out_dir, "dalle.pt")
-        model, ckpt = load_or_exit(path, device, "cannot resume")
-        print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
-        return model, {"stage": ckpt["stage"], "step": ckpt["step"], "opt": ckpt.get("opt"),
-                       "blank_code": ckpt.get("blank_code"), "history": ckpt.get("history") or history}
-    if args.dvae_from:
-        model, ckpt = load_or_exit(args.dvae_from, device, "cannot take the dVAE")
-        if ckpt.get("stage") == "dvae":
-            sys.exit(f"error: the dVAE of {args.dvae_from} is not trained yet: finish it with --resume")
-        model.transformer, model.clip = Transformer(model.config).to(device), CLIP(model.config).to(device)
-        history["dvae"] = (ckpt.get("history") or history)["dvae"]
-        print(f"the dVAE and tokenizer of {args.dvae_from}; the prior and CLIP start afresh")
-        return model, {"stage": "prior", "step": 0, "blank_code": ckpt["blank_code"], "history": history}
-    return build_model(cfg, pool, args.config).to(device), {"stage": "dvae", "step": 0, "history": history}
-
-
-def main(argv=None):
-    cfg, args = parse_args(argv)
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    if args.benchmark:
-        return benchmark(device)
-    torch.manual_seed(cfg.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
-    t_start = time.time()
-    pool = make_pool(cfg.pool, cfg.seed)
-    model, state = start(cfg, args, pool, device)
-    model.train()
-    model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
-    c = model.config
-    print(f"device {device}, {torch.get_num_threads()} threads | dVAE {n_params(model.vae) / 1e6:.2f}M, "
-          f"transformer {n_params(model.transformer) / 1e6:.2f}M, CLIP {n_params(model.clip) / 1e6:.2f}M params | "
-          f"{c.image_size}px -> "
-          f"{c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} tokens "
-          f"(BPE vocab {len(model.tokenizer.vocab)})")
-
-    def save():  # the recipe travels with the weights as plain data: the settings, the blank code, the losses
-        model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"), train=asdict(cfg),
-                   blank_code=state.get("blank_code"), history=state["history"])
-    try:
-        if state["stage"] == "dvae":  # 1. the dVAE on pixels
-            train_dvae(model, pool, cfg, device, state)
-            save()
-            write_recon(model, pool, device, state["blank_code"], out("dvae_recon.png"))
-        codes = encode_pool(model, pool[1], device, state["blank_code"])  # (n, T_img): the frozen dVAE's codes
-        if state["stage"] == "prior":  # 2. the prior on [caption | codes]
-            train_prior(model, pool, codes, cfg, device, state, args.out_dir)
-            save()
-        if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
-            train_clip(model, pool, codes, cfg, device, state)
-            save()
-    except KeyboardInterrupt:
-        save()
-        print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
-              f"continue with: python train.py --resume")
-        sys.exit(130)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
-    write_report(model, cfg, pool, codes, device, state, out, t_start)
+def time_lines(cfg, state, report_s, total_s, device):
+    """Where the run's time went: each stage's wall time and its updates per second (stages of this process and of
+    the runs it resumed), the report's, and the whole run's."""
+    steps = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
+    parts = []
+    for stage, seconds in (state.get("seconds") or {}).items():
+        rate = f", {steps[stage]} updates, {steps[stage] / seconds:.1f}/s" if steps.get(stage) and seconds else ""
+        parts.append(f"{stage} {fmt_time(seconds)}{rate}")
+    return [f"time on {device} ({torch.get_num_threads()} threads): " + " | ".join(parts) + f" | report "
+            f"{fmt_time(report_s)}", f"total time {fmt_time(total_s)}"]
 
 
 def write_report(model, cfg, pool, codes, device, state, out, t_start):
     """The report (report.txt) and its pictures, all into the output folder."""
-    write_samples(model, PICTURE_PROMPTS, out("final.png"))
+    t_report = time.time()
+    write_samples(model, PICTURE_PROMPTS, out("final.png"), cfg.guidance)
     model.eval()
-    lines, recon_rows = report_dvae(model, cfg, device, state["blank_code"], codes)
+    lines, recon_rows = report_dvae(model, cfg, device, codes)
     by_group = eval_prompts(cfg.seed, cfg.eval_prompts)  # {group: prompts}, fixed by the seed
     more, _, sample_rows = report_samples(model, cfg, by_group)
     lines += more
@@ -1104,8 +1179,8 @@ def write_report(model, cfg, pool, codes, device, state, out, t_start):
         plot([("% right: CLIP picks the best of N candidates (N on a log scale)",
                {g: (list(ns), v) for g, v in curve.items()}, list(ns), False, (0, 100))], out("rerank_curve.png"),
              size=(420, 240))
-    lines += patch_limit(model, pool, device, state["blank_code"], out("held_out_patches.png"))
-    lines.append(f"total time {fmt_time(time.time() - t_start)} on {device}")
+    lines += patch_limit(model, pool, device, out("held_out_patches.png"))
+    lines += time_lines(cfg, state, time.time() - t_report, time.time() - t_start, device)
     labelled_rows(recon_rows).save(out("recon_by_group.png"))
     labelled_rows(sample_rows).save(out("samples_by_group.png"))
     draw_losses(state["history"], out("loss_curves.png"))
