@@ -539,6 +539,22 @@ class Transformer(nn.Module):
             x = block(x, mask, cache, pos)
         return self.ln_f(x)
 
+    @torch.no_grad()
+    def attention(self, text, codes):
+        """text (B, T_txt), codes (B, T_img) -> (n_layer, B, T, T): each layer's attention weights, its heads
+        averaged; row t is the output at position t (the one predicting token t), column s the input it reads."""
+        x = torch.cat([self.embed_text(text), self.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
+        B, T, C = x.shape
+        maps = []
+        for block, kind in zip(self.h, self.kinds):
+            nh = block.attn.n_head
+            q, k, _ = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # (B, T, C) each
+            q, k = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k))  # (B, nh, T, hs) each
+            att = q @ k.transpose(-2, -1) / math.sqrt(C // nh)  # (B, nh, T, T), as scaled_dot_product_attention
+            maps.append(att.masked_fill(~self.masks[kind], float("-inf")).softmax(-1).mean(1))  # (B, T, T)
+            x = block(x, self.masks[kind])
+        return torch.stack(maps)  # (n_layer, B, T, T)
+
     def check_inputs(self, text, codes):
         c = self.config
         if text.dim() != 2 or text.shape[1] != c.text_seq_len:
@@ -723,7 +739,12 @@ class DALLE(nn.Module):
         T_txt, V = self.config.text_seq_len, self.config.text_vocab_size
         rows = []
         for caption in captions:
-            ids = self.tokenizer.encode(caption.lower(), dropout, rng)[:T_txt]  # lower-cased (Sec 2.2)
+            ids = self.tokenizer.encode(caption.lower(), dropout, rng)  # lower-cased (Sec 2.2)
+            if dropout and len(ids) > T_txt:
+                # DEVIATION: BPE dropout lengthens a caption (it skips merges); one that no longer fits its slots
+                # keeps its plain encoding instead of losing its last words (README: Deviations)
+                ids = self.tokenizer.encode(caption.lower())
+            ids = ids[:T_txt]
             rows.append(ids + [V + i for i in range(len(ids), T_txt)])  # a pad token per position (Sec 2.2)
         return torch.tensor(rows, dtype=torch.long, device=self.transformer.sos.device)  # (B, T_txt)
 
@@ -755,7 +776,8 @@ class DALLE(nn.Module):
         what self.guide_phrases add to a prompt (its unconditional is the prompt without them; a prompt with none of
         them is sampled as it is), or, with no guide phrases, towards the prompt (against the empty caption).
         image_prompt: (P or 1, m) codes of the first m cells, which every candidate keeps (Sec 3.3): prompt_codes'.
-        Returns images (P, keep, 3, H, W) in [0, 1] and their CLIP scores (P, keep), best first."""
+        Returns images (P, keep, 3, H, W) in [0, 1], their CLIP scores (P, keep) and codes (P, keep, h, w), best
+        first."""
         if not prompts or keep < 1 or n < keep:
             raise ValueError(f"need at least one prompt and 1 <= keep <= n, got {len(prompts)} prompts, "
                              f"n={n}, keep={keep}")
@@ -774,8 +796,9 @@ class DALLE(nn.Module):
         images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)
-        images = images.view(P, n, 3, S, S)[torch.arange(P, device=device)[:, None], best]  # (P, keep, 3, H, W)
-        return images, scores.gather(1, best)
+        pick = torch.arange(P, device=device)[:, None], best  # (P, 1), (P, keep)
+        images = images.view(P, n, 3, S, S)[pick]  # (P, keep, 3, H, W)
+        return images, scores.gather(1, best), codes.view(P, n, h, h)[pick]  # ..., (P, keep), (P, keep, h, w)
 
     def save(self, path, step=0, **extra):
         """One dict of plain data, written atomically: a crash mid-write never clobbers the last checkpoint."""
@@ -847,6 +870,76 @@ def image_grid(images, gap=2):
     return Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
 
 
+def labelled_rows(rows, scale=2, gap=4, line=12):
+    """rows: [(title, images (N, 3, H, W) in [0, 1], a label per image)] -> one PIL image, each row's title above
+    its pictures (scale times their size) and each label below its picture (green when it says right)."""
+    from PIL import Image, ImageDraw
+    H, W = rows[0][1].shape[2] * scale, rows[0][1].shape[3] * scale
+    width = gap + max(max(len(images) * (W + gap) for _, images, _ in rows), 6 * max(len(t) for t, _, _ in rows))
+    img = Image.new("RGB", (width, len(rows) * (line + H + line + gap) + gap), (40, 40, 40))
+    draw, y = ImageDraw.Draw(img), gap
+    for title, images, labels in rows:
+        draw.text((gap, y), title, fill=(255, 255, 255))
+        for i, (picture, label) in enumerate(zip(images, labels)):
+            x = gap + i * (W + gap)
+            pixels = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()  # (H, W, 3)
+            img.paste(Image.fromarray(pixels).resize((W, H), Image.NEAREST), (x, y + line))
+            right = "right" in label and "wrong" not in label
+            draw.text((x, y + line + H + 1), label, fill=(120, 230, 120) if right else (230, 230, 230))
+        y += line + H + line + gap
+    return img
+
+
+def drawing_frames(model, codes, scale=4):
+    """codes (h, w) of one image -> PIL frames of its drawing, one per token in the order the prior samples them
+    (raster order, Sec 2): frame t decodes the first t cells; the cells not drawn yet are grey."""
+    from PIL import Image
+    h, w, cell = *codes.shape, model.config.cell_size
+    T = h * w
+    drawn = torch.arange(T, device=codes.device)[None] < torch.arange(T + 1, device=codes.device)[:, None]  # (T+1, T)
+    fill = max(model.blank_code, 0)  # the decoder needs a code everywhere: the blank one, then painted over
+    grids = torch.where(drawn, codes.flatten()[None], fill).view(T + 1, h, w)  # (T + 1, h, w)
+    images = model.vae.decode(grids)  # (T + 1, 3, H, W)
+    grey = (~drawn).view(T + 1, 1, h, 1, w, 1).expand(-1, 3, -1, cell, -1, cell).reshape(images.shape)
+    images = torch.where(grey, torch.full_like(images, 0.5), images)  # (T + 1, 3, H, W)
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()  # (T + 1, H, W, 3)
+    return [Image.fromarray(p).resize((w * cell * scale, h * cell * scale), Image.NEAREST) for p in pixels]
+
+
+def attention_picture(model, caption, codes, scale=6):
+    """The image a caption drew (codes (h, w)) beside, for each caption token, where the outputs of the image cells
+    read it: one row per mask kind (its layers and heads averaged), brighter = more attention (README: Exercises)."""
+    from PIL import Image, ImageDraw
+    c = model.config
+    text = model.tokenize([caption])  # (1, T_txt)
+    n = int((text < c.text_vocab_size).sum())  # the caption's tokens; pads follow
+    maps = model.transformer.attention(text, codes.flatten()[None])[:, 0]  # (n_layer, T, T)
+    # the output predicting cell q sits at T_txt + q; caption token j is the input at 1 + j (0 is the start token)
+    to_text = maps[:, c.text_seq_len:, 1:1 + n]  # (n_layer, T_img, n)
+    kinds = [layer_mask_kind(i + 1, c.n_layer) for i in range(c.n_layer)]
+    side, pad, top = c.image_size * scale // 2, 6, 14
+    words = [model.tokenizer.decode([i]) for i in text[0, :n].tolist()]
+    img = Image.new("RGB", (pad + (n + 1) * (side + pad), top + len(MASK_KINDS) * (side + pad + top)), (40, 40, 40))
+    draw = ImageDraw.Draw(img)
+    picture = model.vae.decode(codes[None])[0]  # (3, H, W)
+    pixels = Image.fromarray((picture.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).resize((side, side))
+    for r, kind in enumerate(MASK_KINDS):
+        y = top + r * (side + pad + top)
+        layers = [i for i, k in enumerate(kinds) if k == kind]
+        draw.text((pad, y - top + 2), f"{kind} layers {[i + 1 for i in layers]}", fill=(255, 255, 255))
+        img.paste(pixels, (pad, y))
+        if not layers:
+            continue
+        att = to_text[layers].mean(0).view(c.grid_size, c.grid_size, n)  # (h, w, n)
+        att = att / att.amax(dim=(0, 1), keepdim=True).clamp(min=1e-9)  # each token's map from 0 to its maximum
+        for j in range(n):
+            x = pad + (j + 1) * (side + pad)
+            heat = (att[:, :, j] * 255).round().byte().cpu().numpy()
+            img.paste(Image.fromarray(heat).resize((side, side), Image.NEAREST).convert("RGB"), (x, y))
+            draw.text((x + 2, y + 2), repr(words[j]), fill=(255, 80, 80))
+    return img
+
+
 def draw_masks(grid=4, kernel=3, cell=16):
     """A PIL image of the row / column / conv image->image masks on a grid x grid image (Fig. 11):
     in each panel, row q is the output predicting cell q, column k the cell it may read (white)."""
@@ -915,7 +1008,7 @@ def _walkthrough():
         big = DALLE(paper, tok)
         big_rows = _stages(big, captions, torch.zeros(2, 3, paper.image_size, paper.image_size))
     print(f"{'stage':<9}{'step':<44}{'toy: DALLEConfig()':<22}paper: DALLEConfig.paper()")
-    out, scores = model.generate(["a red circle"], n=4, keep=2)  # (1, 2, 3, H, W), (1, 2)
+    out, scores, _ = model.generate(["a red circle"], n=4, keep=2)  # (1, 2, 3, H, W), (1, 2)
     rows.insert(-1, ("4. draw", "4 candidates, CLIP keeps the best 2", f"{tuple(out.shape)}"))
     big_rows.insert(-1, ("", "", "(not run: 12B parameters)"))
     for (stage, step, small), (_, _, large) in zip(rows, big_rows):

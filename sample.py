@@ -1,11 +1,14 @@
 """
 Text in, pictures out: draw --n candidates per prompt with the transformer prior, decode them with the dVAE,
-and keep the --keep that CLIP scores highest (Sec 2.6). One row of samples.png per prompt, best first.
-For captions of the Shapes world, the checker of train.py says which of the kept pictures show what they say.
+and keep the --keep that CLIP scores highest (Sec 2.6). One row of samples.png per prompt, best first, each picture
+with its CLIP score and, for captions of the Shapes world, the verdict of train.py's checker.
 
     python sample.py "a red circle to the left of a blue square"
     python sample.py "a red triangle" "a blue circle" --n 64 --keep 8
     python sample.py "a green square" --image scene.png     # keep the image's top rows, complete the rest (Sec 3.3)
+    python sample.py "a red circle above a blue square" --animate --attention   # watch it draw; what each cell reads
+
+Sampling needs dalle.py and a checkpoint only; the checker's verdicts need train.py beside it.
 """
 import argparse
 import os
@@ -14,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from dalle import DALLE, ArgumentParser, CheckpointError, image_grid, pick_device
+from dalle import DALLE, ArgumentParser, CheckpointError, attention_picture, drawing_frames, labelled_rows, pick_device
 
 try:  # the Shapes world's checker, to say which pictures are right; sampling itself needs only dalle.py
     from train import judge_all, parse
@@ -38,10 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (paper: off)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale s: uncond + s * (cond - uncond); 1 is the paper's sampling "
-                        "(default: the checkpoint's, which the report used)")
+                        "(default: the checkpoint's, which its report used)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--image", default=None, help="an image prompt: its top rows are kept (Sec 3.3)")
+    p.add_argument("--animate", action="store_true",
+                   help="also write OUT.gif: the first prompt's best picture drawn token by token, in raster order")
+    p.add_argument("--attention", action="store_true",
+                   help="also write OUT_attention.png: where the image cells of that picture read each caption token")
     args = p.parse_args(argv)
     if any(not prompt.strip() for prompt in args.prompts):
         p.error("a prompt is empty: say what to draw, e.g. \"a red circle\"")
@@ -92,21 +99,32 @@ def main(argv=None):
     if args.image:  # the codes as the checkpoint's prior learnt them: its recipe's blank code included
         image = load_image_prompt(args.image, c.image_size).to(device)  # (1, 3, S, S)
         prompt = model.prompt_codes(model.image_codes(image))  # (1, rows * w)
-    images, scores = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
+    images, scores, codes = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
                                     top_k=args.top_k, seed=args.seed, image_prompt=prompt, guidance=guidance)
+    verdicts = [None] * len(args.prompts)  # the checker's, for captions of the Shapes world it can read
+    if parse is not None:
+        verdicts = [judge_all([t], pics[None])["all"][0] if parse(t) else None for t, pics in zip(args.prompts, images)]
+    rows = [(f'"{text}"', pictures, [f"{s:.3f}" + ("" if v is None else " right" if ok else " wrong")
+                                     for s, ok in zip(row, v if v is not None else [None] * len(row))])
+            for text, pictures, row, v in zip(args.prompts, images, scores.tolist(), verdicts)]
     try:
-        image_grid(images).save(args.out)
+        labelled_rows(rows, scale=3).save(args.out)
+        stem = os.path.splitext(args.out)[0]
+        if args.animate:  # the first prompt's best picture, as the prior drew it
+            frames = drawing_frames(model, codes[0, 0])
+            frames[0].save(f"{stem}.gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 12, duration=60,
+                           loop=0)
+        if args.attention:
+            attention_picture(model, args.prompts[0], codes[0, 0]).save(f"{stem}_attention.png")
     except (OSError, ValueError) as e:
         die(f"cannot write {args.out}: {e}")
     print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP ({args.checkpoint}, "
-          f"stage {ckpt.get('stage', '?')}, guidance {guidance:g})")
+          f"stage {ckpt.get('stage', '?')}, guidance {guidance:g})" + (f", {stem}.gif" if args.animate else "")
+          + (f", {stem}_attention.png" if args.attention else ""))
     if parse is None:
         print("  (train.py is not beside sample.py: no checker to say which pictures are right)")
-    for text, row, pictures in zip(args.prompts, scores.tolist(), images):
-        check = ""
-        if parse and parse(text):  # None: not a caption of the Shapes world, which the checker cannot read
-            right = judge_all([text], pictures[None])["all"][0]  # (keep,) bools
-            check = f"; the checker reads {right.sum()} of {len(right)} right"
+    for text, row, v in zip(args.prompts, scores.tolist(), verdicts):
+        check = "" if v is None else f"; the checker reads {v.sum()} of {len(v)} right"
         print(f"  {text!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row) + check)
 
 

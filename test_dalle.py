@@ -157,6 +157,30 @@ def test_logit_laplace_is_a_density_on_the_unit_interval():
         assert abs(torch.trapezoid(f, x).item() - 1) < 1e-3
 
 
+def test_dvae_relaxation_draws_gumbel_noise_and_the_kl_reads_q_itself():
+    """App. A.2: the decoder reads softmax((logits + g) / tau) with gumbel noise g, so two noise draws decode two
+    different images, and the same draw the same one; the KL term is KL(q || uniform) of q = softmax(logits), not of
+    the noisy sample. Tried against: no noise (softmax(logits / tau)), noise without the division by tau, and the KL
+    of the relaxed sample: each fails here."""
+    torch.manual_seed(0)
+    vae, images = DiscreteVAE(TINY), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        vae.encoder.output.conv.weight.mul_(5)  # logits that beat the noise a little, as training makes them
+        _, a = vae(images, 1.0, 1.0, torch.Generator().manual_seed(0))
+        _, b = vae(images, 1.0, 1.0, torch.Generator().manual_seed(1))
+        _, a2 = vae(images, 1.0, 1.0, torch.Generator().manual_seed(0))
+        _, cold = vae(images, 1 / 16, 1.0, torch.Generator().manual_seed(0))
+        logits = vae.logits(images)  # (B, K, h, w)
+        g = -torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(0)).log()
+        noisy = torch.nn.functional.one_hot((logits + g).argmax(1), TINY.image_vocab_size).permute(0, 3, 1, 2)
+        mu_hard, _ = vae.decode_soft(noisy.float())  # tau -> 0: the one-hot of argmax(logits + g)
+        q = logits.softmax(1)
+        kl = (q * (q.log() + math.log(TINY.image_vocab_size))).sum(1).mean()
+    assert torch.equal(a["mu"], a2["mu"]) and not torch.allclose(a["mu"], b["mu"])
+    assert (cold["mu"] - mu_hard).abs().max() < (a["mu"] - mu_hard).abs().max()  # colder: nearer the hard sample
+    assert torch.allclose(a["kl"], kl) and torch.allclose(b["kl"], kl)  # the same KL whatever the noise
+
+
 def test_dvae_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     vae = DiscreteVAE(TINY)
@@ -350,10 +374,45 @@ def test_text_positions_never_predict_image_ids_and_vice_versa():
 
 
 def test_loss_is_one_eighth_text_seven_eighths_image():
+    """Sec 2.2: each cross-entropy averaged over its own tokens, then 1/8 text + 7/8 image, with gradient through both.
+    Tried against: 1/2 + 1/2, 7/8 text + 1/8 image, both averaged over all T positions together, summed instead of
+    averaged, and loss_txt.detach() / 8 + loss_img * 7 / 8 (no gradient reaches the text): each fails here."""
     torch.manual_seed(0)
     prior = Transformer(TINY)
-    _, losses = prior(*_random_batch(TINY))
-    assert torch.isclose(losses["loss"], losses["text"] / 8 + 7 * losses["image"] / 8)
+    text, codes = _random_batch(TINY)
+    (logits_txt, logits_img), losses = prior(text, codes)
+    F = torch.nn.functional
+    loss_txt = F.cross_entropy(logits_txt.flatten(0, 1), text.flatten())  # the mean over the T_txt text positions
+    loss_img = F.cross_entropy(logits_img.flatten(0, 1), codes.flatten())  # the mean over the T_img image positions
+    assert torch.allclose(losses["text"], loss_txt) and torch.allclose(losses["image"], loss_img)
+    assert torch.allclose(losses["loss"], loss_txt / 8 + 7 * loss_img / 8)
+    assert not torch.isclose(loss_txt, loss_img)  # else a wrong weighting could not show
+    # the gradient of the loss is 1/8 the text loss's plus 7/8 the image loss's (a detached term breaks this)
+    params = [prior.sos, prior.h[0].attn.c_attn.weight]
+    g_all = torch.autograd.grad(losses["loss"], params, retain_graph=True)
+    g_txt = torch.autograd.grad(losses["text"], params, retain_graph=True)
+    g_img = torch.autograd.grad(losses["image"], params)
+    for a, t, i in zip(g_all, g_txt, g_img):
+        assert t.abs().sum() > 0 and torch.allclose(a, t / 8 + 7 * i / 8, atol=1e-7)
+
+
+def test_kv_cache_features_equal_the_full_forward():
+    """The cached path, fed one token at a time, gives every position the same features as the whole sequence run at
+    once (an oracle on features, not on samples of an untrained model, which hide most wrong caches). Tried against:
+    attending only to the new token, writing at pos + 1, writing the keys into the value cache, and no cache at all
+    past the first step: each fails here."""
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    text, codes = _random_batch(TINY, B=3)
+    c = TINY
+    x = torch.cat([prior.embed_text(text), prior.embed_image(codes[:, :-1])], dim=1)  # (B, T, C)
+    with torch.no_grad():
+        full = prior.run(x)  # (B, T, C)
+        caches = [torch.zeros(2, 3, c.n_head, c.block_size, c.n_embd // c.n_head) for _ in prior.h]
+        first = c.text_seq_len + 1 + 2  # the start token, the caption and two cells at once, then one at a time
+        steps = [prior.run(x[:, :first], 0, caches)]
+        steps += [prior.run(x[:, t:t + 1], t, caches) for t in range(first, c.block_size)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
 def test_kv_cache_generation_equals_uncached_generation():
@@ -449,6 +508,25 @@ def test_clip_loss_falls_on_a_tiny_batch():
     assert torch.equal(scores.argmax(1), torch.arange(4))  # each caption prefers its own image
 
 
+def test_clip_loss_is_symmetric_over_images_and_captions():
+    """CLIP's loss [3] is the mean of two cross-entropies over the (B, B) similarity matrix: each image picks its
+    caption among the batch's, and each caption its image. Tried against: the image-to-caption term alone, the
+    caption-to-image term alone, and a loss without the learned temperature: each fails here."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    text = model.tokenize(["a red circle", "a blue square", "a green triangle", "a white diamond", "a red square"])
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(20.0))
+        t, i = model.clip.encode_text(text), model.clip.encode_image(images)  # (B, C) each, unit length
+        logits = 20.0 * i @ t.t()  # (B, B): image x caption
+        labels = torch.arange(5)
+        F = torch.nn.functional
+        image_to_text, text_to_image = F.cross_entropy(logits, labels), F.cross_entropy(logits.t(), labels)
+        assert not torch.isclose(image_to_text, text_to_image)  # else a one-way loss could not show
+        assert torch.isclose(model.clip(text, images), (image_to_text + text_to_image) / 2)
+
+
 def test_clip_text_embedding_does_not_depend_on_the_rest_of_the_batch():
     model = tiny_model()  # encode_text skips the pads after the batch's longest caption: that must change nothing
     clip, short, long = model.clip, model.tokenize(["red"]), model.tokenize(["a small red circle on the left"])
@@ -469,12 +547,13 @@ def test_rerank_returns_the_best_in_score_order():
 
 def test_generate_keeps_candidates_in_clip_order_and_is_reproducible():
     model = tiny_model()
-    images, scores = model.generate(["a red circle", "a blue square"], n=6, keep=3, seed=1)
-    assert images.shape == (2, 3, 3, 32, 32) and scores.shape == (2, 3)
+    images, scores, codes = model.generate(["a red circle", "a blue square"], n=6, keep=3, seed=1)
+    assert images.shape == (2, 3, 3, 32, 32) and scores.shape == (2, 3) and codes.shape == (2, 3, 4, 4)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
+    assert torch.equal(model.vae.decode(codes.flatten(0, 1)), images.flatten(0, 1))  # the kept pictures' own codes
     text = model.tokenize(["a red circle"] * 3)
     assert torch.allclose(model.clip.score(text, images[0]), scores[0], atol=1e-5)
-    again, _ = model.generate(["a red circle", "a blue square"], n=6, keep=3, seed=1)
+    again, _, _ = model.generate(["a red circle", "a blue square"], n=6, keep=3, seed=1)
     assert torch.equal(images, again)
 
 # -----------------------------------------------------------------------------
@@ -488,8 +567,8 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, ckpt = DALLE.load(path)
     assert ckpt["step"] == 7 and loaded.config == model.config
     assert loaded.tokenizer.merges == model.tokenizer.merges
-    a, _ = model.generate(["a red circle"], n=4, keep=2, seed=0)
-    b, _ = loaded.generate(["a red circle"], n=4, keep=2, seed=0)
+    a, _, _ = model.generate(["a red circle"], n=4, keep=2, seed=0)
+    b, _, _ = loaded.generate(["a red circle"], n=4, keep=2, seed=0)
     assert torch.equal(a, b)
     assert not os.path.exists(path + ".tmp")
 
@@ -520,12 +599,18 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 def test_checkpoint_never_unpickles_code(tmp_path):
+    """A checkpoint whose pickle would run code is refused before it runs: the payload writes a file, and the
+    refusal is the unreadable-file error. Tried against torch.load(..., weights_only=False): the file appears (and
+    the error is another), so this fails."""
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (open, (str(marker), "w"))
     torch.save({"format": dalle.FORMAT, "x": Evil()}, str(tmp_path / "evil.pt"))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         DALLE.load(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
 
 
 def test_a_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -563,7 +648,7 @@ def test_importing_dalle_has_no_side_effects(tmp_path):
 # -----------------------------------------------------------------------------
 # The Shapes world, train.py and sample.py
 
-train = pytest.importorskip("train")
+import train  # noqa: E402  (an ImportError in train.py fails every test below, loudly, not as skips)
 
 
 def test_world_never_renders_a_held_out_kind():
@@ -800,12 +885,32 @@ def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(tr
     assert r3.returncode == 0 and "warning" in r3.stderr and (tmp_path / "s3.png").exists()
 
 
-def test_resume_continues_an_interrupted_run(trained, tmp_path):
-    import shutil
-    shutil.copy(trained / "dalle.pt", tmp_path / "dalle.pt")
-    train.main(TINY_STEPS + ["--out-dir", str(tmp_path), "--resume"])
-    _, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
+def test_an_interrupted_run_resumed_is_the_same_run(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the prior saves a checkpoint; --resume continues it, and the result equals the run
+    that was never interrupted, weight for weight (each update draws from its own stream, the optimiser's state is
+    saved). Tried against: a resume that restarts the stage at step 0, and one that drops the optimiser's state."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train.main(TINY_RUN + ["--out-dir", str(straight)])
+    real_check = train.check_finite
+
+    def interrupt(loss, stage, step):
+        if stage == "prior" and step == 2:
+            raise KeyboardInterrupt
+        return real_check(loss, stage, step)
+    monkeypatch.setattr(train, "check_finite", interrupt)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY_RUN + ["--out-dir", str(broken)])
+    assert e.value.code == 130
+    _, ckpt = DALLE.load(str(broken / "dalle.pt"))
+    assert ckpt["stage"] == "prior" and ckpt["step"] == 2
+    monkeypatch.setattr(train, "check_finite", real_check)
+    train.main(TINY_STEPS + ["--out-dir", str(broken), "--resume"])
+    a, _ = DALLE.load(str(straight / "dalle.pt"))
+    b, ckpt = DALLE.load(str(broken / "dalle.pt"))
     assert ckpt["stage"] == "done"
+    for name in ("vae", "transformer", "clip"):
+        for k, v in getattr(a, name).state_dict().items():
+            assert torch.equal(v, getattr(b, name).state_dict()[k]), (name, k)
 
 
 def test_dvae_from_keeps_the_dvae_and_trains_the_prior_afresh(trained, tmp_path):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
-                   draw_masks, gumbel_temperature, image_grid, kl_weight, logit_laplace_nll, map_pixels, n_params,
-                   pick_device, unmap_pixels)
+                   draw_masks, gumbel_temperature, image_grid, kl_weight, labelled_rows, logit_laplace_nll,
+                   map_pixels, n_params, pick_device, unmap_pixels)
 
 # -----------------------------------------------------------------------------
 # The training settings, each with its paper value and, where ours differs, why (README: Deviations).
@@ -889,9 +889,13 @@ def encode_pool(model, images_u8, device, batch=32):  # on 2 CPU threads, 32 at 
 
 @torch.no_grad()
 def write_samples(model, prompts, path, guidance, n=8, keep=4):
+    """The best `keep` of n candidates per prompt, a row each, under its prompt, with CLIP's score and the checker's
+    verdict under each picture."""
     model.eval()
-    images, _ = model.generate(prompts, n=n, keep=keep, seed=0, guidance=guidance)  # (P, keep, 3, H, W)
-    image_grid(images).save(path)
+    images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0, guidance=guidance)  # (P, keep, 3, H, W)
+    right = judge_all(prompts, images)["all"]  # (P, keep)
+    labelled_rows([(f'"{p}"', pictures, [f"{s:.3f} {'right' if ok else 'wrong'}" for s, ok in zip(row, oks)])
+                   for p, pictures, row, oks in zip(prompts, images, scores.tolist(), right)], scale=3).save(path)
     model.train()
 
 
@@ -963,7 +967,7 @@ def report_samples(model, cfg, by_group):
     lines.append(f"samples ({N} a prompt): right = every object and attribute the caption names, nothing else; "
                  f"random = mean of the {N}, best = CLIP's pick, any = a right one among the {N}")
     for group, prompts in by_group.items():
-        images, scores = model.generate(prompts, n=N, keep=N, seed=cfg.seed, guidance=cfg.guidance)  # best first
+        images, scores, _ = model.generate(prompts, n=N, keep=N, seed=cfg.seed, guidance=cfg.guidance)  # best 1st
         r = judge_all(prompts, images)  # (P, N) each
         results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
         a = results[group]["all"]
@@ -993,7 +997,7 @@ def rerank_curve(model, cfg, by_group, ns=(1, 2, 4, 8, 16, 32)):
     from max(ns) candidates for each of the first curve_prompts prompts of each group -> (lines, {group: [%]})."""
     curve = {}
     for group, prompts in by_group.items():
-        images, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1,
+        images, _, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1,
                                    guidance=cfg.guidance)
         right = judge_all(prompts[:cfg.curve_prompts], images)["all"]  # (P, max(ns)), best first
         curve[group] = [100 * best_of(right, n) for n in ns]
@@ -1037,24 +1041,6 @@ def patch_limit(model, pool, device, path):
 
 # -----------------------------------------------------------------------------
 # Pictures with words: sample rows with their CLIP scores, and line charts (no plotting library needed)
-
-
-def labelled_rows(rows, scale=2, gap=4, line=12):
-    """rows: [(title, images (N, 3, H, W) in [0, 1], a label per image)] -> one PIL image, each row's title above
-    its pictures (scale times their size) and each label below its picture."""
-    H, W = rows[0][1].shape[2] * scale, rows[0][1].shape[3] * scale
-    width = gap + max(len(images) for _, images, _ in rows) * (W + gap)
-    img = Image.new("RGB", (width, len(rows) * (line + H + line + gap) + gap), (40, 40, 40))
-    draw, y = ImageDraw.Draw(img), gap
-    for title, images, labels in rows:
-        draw.text((gap, y), title, fill=(255, 255, 255))
-        for i, (picture, label) in enumerate(zip(images, labels)):
-            x = gap + i * (W + gap)
-            tile = Image.fromarray(to_u8(picture).permute(1, 2, 0).numpy()).resize((W, H), Image.NEAREST)
-            img.paste(tile, (x, y + line))
-            draw.text((x, y + line + H + 1), label, fill=(120, 230, 120) if "right" in label else (230, 230, 230))
-        y += line + H + line + gap
-    return img
 
 
 def plot(panels, path, size=(300, 200), pad=(52, 22, 16, 30)):
