@@ -876,13 +876,48 @@ def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(tr
     assert r.returncode == 0, r.stderr
     assert "the checker reads" in r.stdout  # both captions are of the Shapes world
     from PIL import Image
-    assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
+    assert Image.open(out).size == (4 + 2 * (3 * 64 + 4), 4 + 2 * (12 + 3 * 64 + 12 + 4))  # 2 rows of 2, at 3x
     run_sample("a red circle", "a blue square above a green circle", "--checkpoint",
                     str(trained / "dalle.pt"), "--out", str(tmp_path / "s2.png"), "--n", "4", "--keep", "2")
     assert out.read_bytes() == (tmp_path / "s2.png").read_bytes()  # same seed, same images
     r3 = run_sample("🦄 " * 40, "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s3.png"),
                     "--n", "2", "--keep", "1", "--image", str(out), "--guidance", "2")
     assert r3.returncode == 0 and "warning" in r3.stderr and (tmp_path / "s3.png").exists()
+
+
+def test_sample_animates_the_drawing_one_frame_per_token_and_draws_attention(trained, tmp_path):
+    """--animate: a GIF of the best picture drawn in raster order, a frame per image token and more; its first frame
+    is all grey (nothing drawn), its last the picture itself. --attention: a picture, one row per mask kind."""
+    from PIL import Image
+    out = tmp_path / "s.png"
+    r = run_sample("a red circle above a blue square", "--checkpoint", str(trained / "dalle.pt"), "--out", str(out),
+                   "--n", "4", "--keep", "1", "--animate", "--attention")
+    assert r.returncode == 0, r.stderr
+    gif = Image.open(tmp_path / "s.gif")
+    assert gif.n_frames >= 64 + 1
+    gif.seek(0)
+    first = np.asarray(gif.convert("RGB"))
+    assert (np.abs(first.astype(int) - 128) <= 1).all()  # every cell grey before the first token
+    kept = np.asarray(Image.open(out).convert("RGB"))  # the kept picture at 3x, under its title line
+    gif.seek(64)
+    last = np.asarray(gif.convert("RGB").resize((192, 192), Image.NEAREST))
+    assert np.abs(last.astype(int) - kept[4 + 12:4 + 12 + 192, 4:4 + 192].astype(int)).mean() < 2
+    assert Image.open(tmp_path / "s_attention.png").size[1] > 3 * 64
+
+
+def test_sample_stands_on_dalle_py_alone(trained, tmp_path):
+    """sample.py, image prompt included, runs with only dalle.py beside it (no train.py): it says it has no checker."""
+    import shutil
+    for name in ("dalle.py", "sample.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    from PIL import Image
+    Image.fromarray(train.render([train.Obj("red", "circle", 14, 24, 16)])).save(tmp_path / "top.png")
+    r = subprocess.run([sys.executable, str(tmp_path / "sample.py"), "a red circle above a blue square",
+                        "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s.png"), "--n", "2",
+                        "--keep", "1", "--image", str(tmp_path / "top.png")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr
+    assert "no checker" in r.stdout and (tmp_path / "s.png").exists()
 
 
 def test_an_interrupted_run_resumed_is_the_same_run(tmp_path, monkeypatch):
@@ -945,3 +980,119 @@ def test_sample_bad_inputs_exit_with_one_line(trained, tmp_path):
     bad.write_bytes(data[: len(data) // 3])
     _one_line_error(run_sample("a red circle", "--checkpoint", str(bad)))
     assert open(ckpt, "rb").read() == data
+
+
+def _folder(path, n=40, seed=0):
+    """A folder of n Shapes renders, each with two captions in x.txt beside x.png."""
+    from PIL import Image
+    path.mkdir()
+    rng = random.Random(seed)
+    for i in range(n):
+        objects, relation = train.random_scene(rng)
+        Image.fromarray(train.render(objects)).save(path / f"s{i:03d}.png")
+        (path / f"s{i:03d}.txt").write_text("\n".join(train.caption(objects, relation, rng) for _ in range(2)) + "\n")
+    return path
+
+
+FOLDER_RUN = ["--dvae-steps", "4", "--decoder-steps", "2", "--prior-steps", "3", "--clip-steps", "2", "--holdout", "4",
+              "--log-every", "1", "--sample-every", "0", "--dvae-batch", "4", "--decoder-batch", "4", "--prior-batch",
+              "4", "--clip-batch", "8", "--config", "n_hid=8,n_init=8,image_vocab_size=64,n_layer=2,n_head=2,n_embd=32,"
+              "clip_embd=16,clip_head=2"]
+
+
+def test_training_on_a_folder_of_pictures(tmp_path):
+    """--data DIR: the three stages on a folder's pictures and captions (x.txt beside x.png, or captions.tsv), the
+    BPE trained on its captions, a report with no checker, and a checkpoint that sample.py draws from."""
+    folder = _folder(tmp_path / "pics")
+    train.main(FOLDER_RUN + ["--data", str(folder), "--out-dir", str(tmp_path / "out")])
+    model, ckpt = DALLE.load(str(tmp_path / "out" / "dalle.pt"))
+    assert ckpt["stage"] == "done" and (tmp_path / "out" / "holdout.png").exists()
+    assert "held-out" in (tmp_path / "out" / "report.txt").read_text()
+    assert model.guide_phrases == [] and ckpt["train"]["guidance"] == 1.0  # position guidance is the Shapes world's
+    r = run_sample("a red circle", "--checkpoint", str(tmp_path / "out" / "dalle.pt"), "--out", str(tmp_path / "s.png"),
+                   "--n", "2", "--keep", "1")
+    assert r.returncode == 0, r.stderr
+    tsv = tmp_path / "tsv"  # the same pictures, captioned in one captions.tsv
+    tsv.mkdir()
+    lines = []
+    for png in sorted(folder.glob("*.png")):
+        (tsv / png.name).write_bytes(png.read_bytes())
+        lines += [f"{png.name}\t{c}" for c in png.with_suffix(".txt").read_text().splitlines()]
+    (tsv / "captions.tsv").write_text("\n".join(lines) + "\n")
+    data, held_out = train.load_folder(str(tsv), 64, 4, train.TrainConfig())
+    assert len(data.items) == 36 and len(held_out.items) == 4 and all(len(item) == 2 for item in data.items)
+    assert data.images.shape == (36, 3, 64, 64) and data.images.dtype == torch.uint8
+
+
+def test_bad_folders_are_one_line_errors_and_unreadable_images_are_skipped(tmp_path, capsys):
+    """An empty folder, images without captions, a caption file without its image, a bad captions.tsv line: one
+    line on stderr and a non-zero exit. A corrupt image is skipped with a warning that names it, and a count."""
+    from PIL import Image
+    empty, nocap, orphan, badtsv = (tmp_path / n for n in ("empty", "nocap", "orphan", "badtsv"))
+    for d in (empty, nocap, orphan, badtsv):
+        d.mkdir()
+    Image.new("RGB", (64, 64)).save(nocap / "a.png")
+    Image.new("RGB", (64, 64)).save(orphan / "a.png")
+    (orphan / "a.txt").write_text("a picture\n")
+    (orphan / "b.txt").write_text("a caption whose picture is missing\n")
+    Image.new("RGB", (64, 64)).save(badtsv / "a.png")
+    (badtsv / "captions.tsv").write_text("a.png a caption without its tab\n")
+    for folder, words in ((empty, "no images"), (nocap, "no captions"), (orphan, "b.txt"), (badtsv, "line 1"),
+                          (tmp_path / "missing", "not a folder")):
+        with pytest.raises(SystemExit) as e:
+            train.main(FOLDER_RUN + ["--data", str(folder), "--out-dir", str(tmp_path / "out")])
+        assert e.value.code != 0 and words in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
+    corrupt = _folder(tmp_path / "corrupt")
+    (corrupt / "s005.png").write_bytes(b"not a png")
+    data, _ = train.load_folder(str(corrupt), 64, 4, train.TrainConfig())
+    err = capsys.readouterr().err
+    assert len(data.items) == 35 and "s005.png" in err and "skipped 1 unreadable image of 40" in err
+
+
+def _two_ranks(rank, folder, out, port, queue):
+    """One of two torchrun-like processes: trains a few updates and records, after every optimiser step, whether
+    both ranks hold the same weights (their sums gathered from both)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    real_step, same = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        total = torch.stack([p.detach().double().sum() for g in self.param_groups for p in g["params"]])
+        both = [torch.zeros_like(total) for _ in range(2)]
+        dist.all_gather(both, total)
+        same.append(bool(torch.equal(both[0], both[1])))
+        return result
+    torch.optim.AdamW.step = step
+    try:
+        train.main(FOLDER_RUN + ["--data", folder, "--out-dir", out])
+    finally:
+        torch.optim.AdamW.step = real_step
+    queue.put((rank, same))
+
+
+def test_two_processes_train_data_parallel_and_stay_in_step(tmp_path):
+    """torchrun's way, two CPU processes (gloo): each draws its own batches, gradients are averaged, so after every
+    update both hold the same weights; rank 0 alone writes the checkpoint, which loads."""
+    import socket
+    import torch.multiprocessing as mp
+    folder = str(_folder(tmp_path / "pics"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(r, folder, str(tmp_path / "out"), port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    steps = 4 + 2 + 3 + 2  # every stage's updates
+    assert len(results[0]) == len(results[1]) == steps and all(results[0]) and all(results[1])
+    _, ckpt = DALLE.load(str(tmp_path / "out" / "dalle.pt"))
+    assert ckpt["stage"] == "done"
+

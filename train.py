@@ -26,8 +26,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel
 
 from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
                    draw_masks, gumbel_temperature, image_grid, kl_weight, labelled_rows, logit_laplace_nll,
@@ -125,8 +127,33 @@ def set_lr(opt, lr):
 
 
 def step_rng(seed, stage, step):
-    """The random stream of one update (its scenes, crop, captions, BPE dropout): the same again on --resume."""
-    return random.Random(f"{stage} {seed} {step}")
+    """The random stream of one update (its scenes, crop, captions, BPE dropout): the same again on --resume, and
+    each process's own under torchrun."""
+    return random.Random(f"{stage} {seed} {step}" + (f" rank {RANK}" if RANK else ""))
+
+
+RANK, WORLD = 0, 1  # this process's rank and the number of processes: torchrun sets them (README: torchrun)
+
+
+def distributed(device):
+    """Join torchrun's process group when there are several processes (gloo on CPU, nccl on CUDA) -> the device
+    this process trains on. Each process draws its own batches; DistributedDataParallel averages the gradients."""
+    global RANK, WORLD
+    RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if WORLD > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def ddp(module, device):
+    """The module whose forward a stage calls: wrapped so that backward averages its gradients over the processes."""
+    if WORLD == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)  # the buffers (attention masks) never change
 
 
 def random_crop(rng, images, codes, crop, cell):
@@ -159,6 +186,53 @@ def choose_blank_code(vae, images):
     return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
 
 
+class Data:
+    """What the stages train on: uint8 images (n, 3, H, W), rendered or read once, and an item per image that says
+    what it shows. A caption is drawn afresh from the item at each use (the paper's images have several). This base
+    class serves a folder of pictures (an item is the list of an image's captions); the Shapes world's subclass,
+    below the double ruler, adds what its scenes allow: pairs drawn more often, CLIP's swapped twins."""
+
+    picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
+    guide_phrases = []  # what guidance pulls towards (DALLE.generate); none: the caption, against the empty one
+
+    def __init__(self, items, images):
+        self.items, self.images = items, images
+
+    def caption(self, item, rng):
+        return rng.choice(item)
+
+    def weight(self, item, cfg):  # how many times the prior's draws hold this item
+        return 1
+
+    def twin(self, item, rng):  # a hard negative for CLIP: an item whose captions do not describe this one, or None
+        return None
+
+    def corpus(self, rng):  # the text the BPE is trained on
+        return "\n".join(c for item in self.items for c in item)
+
+    def judge(self, prompts, images):  # which pictures (P, N, 3, H, W) show their prompt, (P, N) bools, if known
+        return None
+
+
+def clip_batch(data, recon_u8, cfg, rng):
+    """One CLIP batch -> (captions, uint8 images (B', 3, H, W)): half dVAE reconstructions (of the first
+    len(recon_u8) images), half the images themselves, all distinct, and with clip_swaps each item's twin."""
+    n_rec = len(recon_u8)
+    half = min(cfg.clip_batch // 2, n_rec)
+    idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(data.items)),
+                                                      min(cfg.clip_batch - half, len(data.items) - n_rec))
+    items = [data.items[i] for i in idx]
+    images = torch.cat([recon_u8[idx[:half]], data.images[idx[half:]]])  # (B, 3, H, W) uint8
+    if cfg.clip_swaps:
+        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
+        # only in binding or relation meet in one batch (README: Deviations)
+        twins = [t for t in (data.twin(item, rng) for item in items) if t is not None]
+        if twins:
+            items += twins
+            images = torch.cat([images, data.render(twins)])  # (B + twins, 3, H, W)
+    return [data.caption(item, rng) for item in items], images
+
+
 def check_finite(loss, stage, step):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
@@ -166,36 +240,38 @@ def check_finite(loss, stage, step):
 
 
 def log(stage, step, steps, losses, knobs, rate, eta_s):
-    print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
+    if RANK == 0:  # one process speaks for all
+        print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
 
 # -----------------------------------------------------------------------------
 # The stages
 
 
-def train_dvae(model, pool, cfg, device, state):
+def train_dvae(model, data, cfg, device, state):
     """Stage 1 (Sec 2.1, App. A.2): the gumbel-softmax relaxation, tau 1 -> 1/16, the KL weight ramped up to beta."""
     vae, steps, K = model.vae, cfg.dvae_steps, model.config.image_vocab_size
     opt = adamw(vae, cfg.dvae_lr, (0.9, 0.999), 1e-4, device)  # App. A.2
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the gumbel noise
-    fixed = to_float(pool[1][:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + RANK)  # the gumbel noise
+    fixed = to_float(data.images[:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
+    forward = ddp(vae, device)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         rng = step_rng(cfg.seed, "dvae", step)
-        images = to_float(pool[1][rng.sample(range(len(pool[1])), cfg.dvae_batch)], device)  # (B, 3, H, W)
+        images = to_float(data.images[rng.sample(range(len(data.images)), cfg.dvae_batch)], device)  # (B, 3, H, W)
         if cfg.dvae_crop:  # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
             images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size)
         set_lr(opt, learning_rate(step, steps, cfg.dvae_lr, cfg.dvae_lr_end))
         tau, beta = gumbel_temperature(step, steps), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
-        loss, parts = vae(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
+        loss, parts = forward(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
         check_finite(loss, "dvae", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         mse = pixel_mse(images, parts["mu"])
         state["history"]["dvae"].append([step, loss.item(), mse])
-        if step % cfg.log_every == 0 or step == steps - 1:
+        if RANK == 0 and (step % cfg.log_every == 0 or step == steps - 1):
             with torch.no_grad():
                 used = vae.encode(fixed).unique().numel()
             rate = (step + 1 - start) * cfg.dvae_batch / (time.time() - t0)
@@ -207,7 +283,7 @@ def train_dvae(model, pool, cfg, device, state):
     state.update(stage="decoder", step=0, opt=None, blank_code=choose_blank_code(vae, fixed))
 
 
-def train_decoder(model, pool, codes, cfg, device, state):
+def train_decoder(model, data, codes, cfg, device, state):
     """Stage 1b (not in the paper): the decoder alone learns to draw the frozen encoder's argmax codes of the pool,
     the prior's tokens, on random crops: it learnt from gumbel samples of a q that the KL term keeps spread, and draws
     argmax codes badly until it has seen them."""
@@ -216,15 +292,17 @@ def train_decoder(model, pool, codes, cfg, device, state):
     opt = adamw(vae.decoder, cfg.decoder_lr, (0.9, 0.999), 1e-4, device)
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
+    decoder = ddp(vae.decoder, device)  # vae.decode_soft, made of the decoder's forward
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         rng = step_rng(cfg.seed, "decoder", step)
         idx = rng.sample(range(len(codes)), cfg.decoder_batch)
-        images, batch = to_float(pool[1][idx], device), codes[idx].to(device)  # (B, 3, H, W), (B, h, w)
+        images, batch = to_float(data.images[idx], device), codes[idx].to(device)  # (B, 3, H, W), (B, h, w)
         if cfg.dvae_crop:
             images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell)
         one_hot = F.one_hot(batch, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h', w')
-        mu, ln_b = vae.decode_soft(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 3, H', W') each
+        stats = decoder(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 6, H', W')
+        mu, ln_b = stats[:, :3], stats[:, 3:]  # (B, 3, H', W') each, as vae.decode_soft
         loss = recon_term(cfg)(map_pixels(images), mu, ln_b).mean()
         check_finite(loss, "decoder", step)
         opt.zero_grad(set_to_none=True)
@@ -240,15 +318,14 @@ def train_decoder(model, pool, codes, cfg, device, state):
     state.update(stage="prior", step=0, opt=None)
 
 
-def train_prior(model, pool, codes, cfg, device, state, out_dir):
+def train_prior(model, data, codes, cfg, device, state, out_dir):
     """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout, AdamW (0.9, 0.96)."""
     prior, steps = model.transformer, cfg.prior_steps
     opt = adamw(prior, cfg.prior_lr, (0.9, 0.96), cfg.weight_decay, device)  # App. B.2
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
-    scenes, codes = pool[0], codes.flatten(1)  # codes (n, T_img)
-    # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
-    draws = [i for i, (_, relation) in enumerate(scenes) for _ in range(cfg.pair_weight if relation else 1)]
+    forward, codes = ddp(prior, device), codes.flatten(1)  # codes (n, T_img)
+    draws = [i for i, item in enumerate(data.items) for _ in range(data.weight(item, cfg))]
     tokens = cfg.prior_batch * prior.config.block_size
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
@@ -258,9 +335,9 @@ def train_prior(model, pool, codes, cfg, device, state, out_dir):
         rng = step_rng(cfg.seed, "prior", step)
         idx = rng.sample(draws, cfg.prior_batch)
         # DEVIATION: for guidance against the empty caption (not in the paper), a share of captions left empty
-        captions = ["" if rng.random() < cfg.null_caption else caption(*scenes[i], rng) for i in idx]
+        captions = ["" if rng.random() < cfg.null_caption else data.caption(data.items[i], rng) for i in idx]
         text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
-        _, losses = prior(text, codes[idx].to(device))
+        _, losses = forward(text, codes[idx].to(device))
         check_finite(losses["loss"], "prior", step)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -272,28 +349,29 @@ def train_prior(model, pool, codes, cfg, device, state, out_dir):
             log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
                 f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
                 (steps - step - 1) * tokens / rate)
-        if cfg.sample_every and step and step % cfg.sample_every == 0:
-            write_samples(model, PICTURE_PROMPTS, os.path.join(out_dir, f"samples_{step:05d}.png"), cfg.guidance)
+        if cfg.sample_every and step and step % cfg.sample_every == 0 and RANK == 0 and data.picture_prompts:
+            write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"), cfg.guidance)
         state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="clip", step=0, opt=None)
 
 
-def train_clip(model, pool, codes, cfg, device, state):
+def train_clip(model, data, codes, cfg, device, state):
     """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
     clip, steps = model.clip, cfg.clip_steps
     opt = adamw(clip, cfg.clip_lr, (0.9, 0.999), cfg.clip_weight_decay, device)
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
     clip.visual.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
+    forward = ddp(clip, device)
     # CLIP will rank decoded samples, so it sees the dVAE's reconstructions of part of the pool, decoded once
     recon_u8 = to_u8(model.vae.decode(codes[:round(len(codes) * cfg.clip_recon_share)].to(device)))  # (n, 3, H, W)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         set_lr(opt, learning_rate(step, steps, cfg.clip_lr, cfg.clip_lr_end, cfg.clip_warmup))
         rng = step_rng(cfg.seed, "clip", step)
-        batch, images = clip_batch(pool, recon_u8, cfg, rng)
-        text = model.tokenize([caption(*s, rng) for s in batch])  # (B', T_txt)
-        loss = clip(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
+        captions, images = clip_batch(data, recon_u8, cfg, rng)
+        text = model.tokenize(captions)  # (B', T_txt)
+        loss = forward(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
         check_finite(loss, "clip", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,6 +400,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt (Ctrl-C saves one)")
     p.add_argument("--dvae-from", default=None, metavar="CKPT",
                    help="keep the dVAE (and tokenizer) of this checkpoint; train the prior and CLIP afresh")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="train on a folder of pictures and captions instead of the Shapes world (README: Your own "
+                        "pictures)")
+    p.add_argument("--holdout", type=int, default=16,
+                   help="with --data: pictures kept out of training, for the report's samples (default 16)")
     p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
     p.add_argument("--config", default="", help="DALLEConfig fields, e.g. n_layer=2,n_embd=64 (default: its own)")
     for f in fields(TrainConfig):
@@ -351,11 +434,15 @@ def parse_args(argv=None):
         config = DALLEConfig(**args.config)
     except (ValueError, TypeError) as e:
         p.error(f"--config takes DALLEConfig fields as name=integer, comma-separated: {brief(e)}")
-    if config.image_size != SIZE:
-        p.error(f"the Shapes world is drawn at {SIZE} px: --config image_size must be {SIZE}")
-    if cfg.dvae_crop % config.cell_size or cfg.dvae_crop > SIZE:
-        p.error(f"--dvae-crop must be whole {config.cell_size}-pixel cells within the {SIZE}-pixel image (0: no "
-                f"crop), got {cfg.dvae_crop}")
+    if config.image_size != SIZE and not args.data:
+        p.error(f"the Shapes world is drawn at {SIZE} px: --config image_size must be {SIZE} (or train on --data)")
+    if cfg.dvae_crop % config.cell_size or cfg.dvae_crop > config.image_size:
+        p.error(f"--dvae-crop must be whole {config.cell_size}-pixel cells within the {config.image_size}-pixel "
+                f"image (0: no crop), got {cfg.dvae_crop}")
+    if args.holdout < 0:
+        p.error(f"--holdout must not be negative, got {args.holdout}")
+    if args.data and not cfg.null_caption:  # guidance towards position phrases is the Shapes world's (README)
+        cfg = replace(cfg, guidance=1.0)
     if args.config and args.resume:
         p.error("--config sizes a new model: --resume keeps its checkpoint's")
     if args.dvae_from and set(args.config) & set(DVAE_FIELDS):
@@ -364,15 +451,13 @@ def parse_args(argv=None):
     return cfg, args
 
 
-def build_model(cfg, pool, overrides=None):
-    """A new model: the BPE trained on the pool's captions, openai's dVAE init with the recipe's two scales."""
+def build_model(cfg, data, overrides=None):
+    """A new model: the BPE trained on the data's captions, openai's dVAE init with the recipe's two scales."""
     config = DALLEConfig(**(overrides or {}))
     tokenizer = BPETokenizer()
-    rng = random.Random(cfg.seed)
-    corpus = "\n".join(caption(*pool[0][i], rng) for i in range(min(len(pool[0]), 5000)))
-    tokenizer.train(corpus, config.text_vocab_size)
+    tokenizer.train(data.corpus(random.Random(cfg.seed)), config.text_vocab_size)
     model = DALLE(config, tokenizer)
-    model.guide_phrases = list(POSITIONS)  # what guidance pulls towards (README: Deviations, guidance)
+    model.guide_phrases = list(data.guide_phrases)  # what guidance pulls towards (README: Deviations, guidance)
     # DEVIATION: two init scales on top of openai's init (the paper gives none for training): the encoder's logits
     # must beat the gumbel noise, and the codebook's outputs must tell one-hot codes apart, from the start
     with torch.no_grad():
@@ -388,7 +473,7 @@ def load_or_exit(path, device, why):
         sys.exit(f"error: {why}: {e}")
 
 
-def start(cfg, args, pool, device):
+def start(cfg, args, data, device):
     """-> (model, state): a new model, the checkpoint to --resume, or a checkpoint's dVAE for --dvae-from."""
     history = {"dvae": [], "decoder": [], "prior": [], "clip": []}  # per-update losses, for the loss curves
     if args.resume:
@@ -406,11 +491,11 @@ def start(cfg, args, pool, device):
             model = DALLE(replace(old.config, **args.config), old.tokenizer).to(device)
         except ValueError as e:
             sys.exit(f"error: --config does not fit the tokenizer of {args.dvae_from}: {brief(e)}")
-        model.vae, model.blank_code, model.guide_phrases = old.vae, old.blank_code, list(POSITIONS)
+        model.vae, model.blank_code, model.guide_phrases = old.vae, old.blank_code, list(data.guide_phrases)
         history.update({k: (ckpt.get("history") or history)[k] for k in ("dvae", "decoder")})
         print(f"the dVAE and tokenizer of {args.dvae_from}; the prior and CLIP start afresh")
         return model, {"stage": "prior", "step": 0, "blank_code": old.blank_code, "history": history}
-    return build_model(cfg, pool, args.config).to(device), {"stage": "dvae", "step": 0, "blank_code": -1,
+    return build_model(cfg, data, args.config).to(device), {"stage": "dvae", "step": 0, "blank_code": -1,
                                                             "history": history}
 
 
@@ -426,7 +511,7 @@ def timed(state, stage, fn):
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        device = pick_device(args.device)
+        device = distributed(pick_device(args.device))  # under torchrun: this process's rank, device and group
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.benchmark:
@@ -435,51 +520,196 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
     t_start = time.time()
-    pool = make_pool(cfg.pool, cfg.seed)  # (scenes, uint8 renders (n, 3, H, W))
-    model, state = start(cfg, args, pool, device)
+    if args.data:  # your own pictures, with some held out for the report, at the model's image size
+        kept = os.path.join(args.out_dir, "dalle.pt") if args.resume else args.dvae_from
+        size = (load_or_exit(kept, "cpu", "cannot read its image size")[0].config if kept
+                else DALLEConfig(**args.config)).image_size
+        try:
+            data, held_out = load_folder(args.data, size, args.holdout, cfg)
+        except FolderError as e:
+            sys.exit(f"error: {e}")
+    else:  # the Shapes world, rendered once
+        data, held_out = make_pool(cfg.pool, cfg.seed), None
+    model, state = start(cfg, args, data, device)
     model.train()
     model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
     c = model.config
-    print(f"device {device}, {torch.get_num_threads()} threads | dVAE {n_params(model.vae) / 1e6:.2f}M, "
-          f"transformer {n_params(model.transformer) / 1e6:.2f}M, CLIP {n_params(model.clip) / 1e6:.2f}M params | "
-          f"{c.image_size}px -> {c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} "
-          f"tokens (BPE vocab {len(model.tokenizer.vocab)})")
+    if RANK == 0:
+        print(f"device {device}, {torch.get_num_threads()} threads" + (f", {WORLD} processes" if WORLD > 1 else "")
+              + f" | dVAE {n_params(model.vae) / 1e6:.2f}M, transformer {n_params(model.transformer) / 1e6:.2f}M, "
+              f"CLIP {n_params(model.clip) / 1e6:.2f}M params | {c.image_size}px -> {c.grid_size}x{c.grid_size} codes "
+              f"of K={c.image_vocab_size}, text {c.text_seq_len} tokens (BPE vocab {len(model.tokenizer.vocab)})")
 
     def save():  # the recipe travels with the weights as plain data: the settings, the losses, the stage times
         model.blank_code = state["blank_code"]
-        model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"), train=asdict(cfg),
-                   history=state["history"], seconds=state.get("seconds", {}))
+        if RANK == 0:  # every process holds the same weights; one writes them
+            model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"),
+                       train=asdict(cfg), history=state["history"], seconds=state.get("seconds", {}))
     try:
         if state["stage"] == "dvae":  # 1. the dVAE on pixels
-            timed(state, "dvae", lambda: train_dvae(model, pool, cfg, device, state))
+            timed(state, "dvae", lambda: train_dvae(model, data, cfg, device, state))
             save()
         model.blank_code = state["blank_code"]
-        codes = timed(state, "encode", lambda: encode_pool(model, pool[1], device))  # (n, h, w): the prior's tokens
+        codes = timed(state, "encode", lambda: encode_pool(model, data.images, device))  # (n, h, w): the tokens
         if state["stage"] == "decoder":  # 1b. its decoder on the frozen encoder's codes
-            timed(state, "decoder", lambda: train_decoder(model, pool, codes, cfg, device, state))
+            timed(state, "decoder", lambda: train_decoder(model, data, codes, cfg, device, state))
             save()
-            write_recon(model, pool, device, out("dvae_recon.png"))
+            if RANK == 0:
+                write_recon(model, data, device, out("dvae_recon.png"))
         if state["stage"] == "prior":  # 2. the prior on [caption | codes]
-            timed(state, "prior", lambda: train_prior(model, pool, codes, cfg, device, state, args.out_dir))
+            timed(state, "prior", lambda: train_prior(model, data, codes, cfg, device, state, args.out_dir))
             save()
         if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
-            timed(state, "clip", lambda: train_clip(model, pool, codes, cfg, device, state))
+            timed(state, "clip", lambda: train_clip(model, data, codes, cfg, device, state))
             save()
     except KeyboardInterrupt:
         save()
-        print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
-              f"continue with: python train.py --resume")
+        if RANK == 0:
+            print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
+                  f"continue with: python train.py --resume")
         sys.exit(130)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if WORLD > 1:
+        dist.destroy_process_group()
+    if RANK > 0:
+        return
     print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
-    write_report(model, cfg, pool, codes, device, state, out, t_start)
+    if held_out is None:
+        write_report(model, cfg, data, codes, device, state, out, t_start)
+    else:
+        write_folder_report(model, cfg, data, held_out, codes, device, state, out, t_start)
 
 
 # =============================================================================
-# Below: the Shapes world, its checker, the report and its pictures. Nothing above depends on how they work, only on
-# make_pool, caption, clip_batch and the report; a world of your own replaces this half.
+# Below: the data. First your own pictures (--data DIR), then the Shapes world, its checker, the report and its
+# pictures. Nothing above depends on how they work, only on a Data to draw from and a report to write.
+
+# -----------------------------------------------------------------------------
+# Your own pictures: a folder of images and their captions (README: Your own pictures)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class FolderError(Exception):
+    pass
+
+
+def read_captions(folder, names):
+    """-> {image file name: [captions]}: from captions.tsv (file<TAB>caption lines) if the folder has one, else from
+    each image's x.txt beside it (one caption a line). A caption for an image that is not there is an error."""
+    captions = {}
+    tsv = os.path.join(folder, "captions.tsv")
+    if os.path.isfile(tsv):
+        with open(tsv, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    name, tab, text = line.rstrip("\n").partition("\t")
+                    if not tab or not text.strip():
+                        raise FolderError(f"{tsv} line {number} is not file<TAB>caption: {line.strip()[:60]!r}")
+                    if name not in names:
+                        raise FolderError(f"{tsv} line {number} names {name}, which is not an image in {folder}")
+                    captions.setdefault(name, []).append(text.strip())
+        return captions
+    for txt in sorted(f for f in os.listdir(folder) if f.endswith(".txt")):
+        stem = txt[:-4]
+        image = next((stem + ext for ext in IMAGE_EXTENSIONS if stem + ext in names), None)
+        if image is None:
+            raise FolderError(f"{os.path.join(folder, txt)} has no image beside it ({stem}.png or {stem}.jpg)")
+        with open(os.path.join(folder, txt), encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if lines:
+            captions[image] = lines
+    return captions
+
+
+def read_image(path, size):
+    """An image file -> uint8 (3, size, size): the centred square crop, resized; None if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, size, size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def load_folder(folder, size, holdout, cfg):
+    """A folder of pictures and captions -> (Data to train on, Data held out for the report: `holdout` pictures
+    drawn by the seed). Bad folders raise FolderError with one line; unreadable images are skipped with a warning."""
+    if not os.path.isdir(folder):
+        raise FolderError(f"--data {folder} is not a folder")
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise FolderError(f"{folder} holds no images (.png, .jpg): nothing to train on")
+    captions = read_captions(folder, set(names))
+    if not captions:
+        raise FolderError(f"{folder} has {len(names)} images but no captions: put each image's in x.txt beside "
+                          f"x.png, or all of them in captions.tsv (file<TAB>caption)")
+    items, images, skipped = [], [], 0
+    for name in sorted(captions):
+        image = read_image(os.path.join(folder, name), size)
+        if image is None:
+            print(f"warning: cannot read {os.path.join(folder, name)}: skipped", file=sys.stderr)
+            skipped += 1
+            continue
+        items.append(captions[name])
+        images.append(image)
+    if skipped and RANK == 0:
+        print(f"warning: skipped {skipped} unreadable image{'s' * (skipped > 1)} of {len(captions)}", file=sys.stderr)
+    uncaptioned = len(names) - len(captions)
+    if uncaptioned and RANK == 0:
+        print(f"note: {uncaptioned} images of {folder} have no caption and are not used", file=sys.stderr)
+    order = list(range(len(items)))
+    random.Random(cfg.seed).shuffle(order)  # the held-out pictures, and the ones CLIP sees as reconstructions
+    keep, held = order[holdout:], order[:holdout]
+    need = max(cfg.dvae_batch, cfg.decoder_batch, cfg.prior_batch)
+    if len(keep) < need:
+        raise FolderError(f"{folder} has {len(keep)} pictures to train on ({holdout} held out), fewer than a batch "
+                          f"({need}): add pictures, or lower --holdout and the --*-batch settings")
+    data = Data([items[i] for i in keep], torch.stack([images[i] for i in keep]))
+    held_out = Data([items[i] for i in held], torch.stack([images[i] for i in held]) if held else None)
+    data.picture_prompts = [item[0] for item in held_out.items[:4]]
+    return data, held_out
+
+
+@torch.no_grad()
+def write_folder_report(model, cfg, data, held_out, codes, device, state, out, t_start):
+    """What needs no checker: the dVAE's reconstruction error and codebook usage, the prior's losses on the
+    held-out pictures, and their captions drawn beside the real pictures (holdout.png)."""
+    t_report, c = time.time(), model.config
+    model.eval()
+    test = held_out if held_out.items else Data(data.items[:16], data.images[:16])
+    images = to_float(test.images, device)  # (n, 3, H, W)
+    test_codes = model.image_codes(images)  # (n, h, w)
+    recon = model.vae.decode(test_codes)  # (n, 3, H, W)
+    used = codes.unique().numel()
+    which = "held-out" if held_out.items else "training"
+    lines = [f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} on {len(images)} {which} "
+             f"pictures (pixels in [0, 1]); codebook usage {used}/{c.image_vocab_size} codes on the training pictures"]
+    text = model.tokenize([item[0] for item in test.items])  # (n, T_txt)
+    _, losses = model.transformer(text, test_codes.flatten(1))
+    lines.append(f"transformer loss on the {which} pictures' first captions: {losses['text'].item():.3f} nats per "
+                 f"text token, {losses['image'].item():.3f} nats per image token (ln K = "
+                 f"{math.log(c.image_vocab_size):.2f})")
+    rows = []
+    for i, item in enumerate(test.items[:8]):
+        samples, scores, _ = model.generate([item[0]], n=cfg.candidates, keep=min(4, cfg.candidates), seed=cfg.seed,
+                                            guidance=cfg.guidance)
+        pictures = torch.cat([images[i:i + 1], recon[i:i + 1], samples[0]])  # (2 + keep, 3, H, W)
+        rows.append((f'"{item[0]}"', pictures, ["real", "dVAE"] + [f"{s:.3f}" for s in scores[0].tolist()]))
+    labelled_rows(rows).save(out("holdout.png"))
+    lines.append(f"holdout.png: {len(rows)} {which} captions, each: the real picture, its dVAE reconstruction, then "
+                 f"CLIP's best of {cfg.candidates} samples")
+    draw_losses(state["history"], out("loss_curves.png"))
+    lines += time_lines(cfg, state, time.time() - t_report, time.time() - t_start, device)
+    with open(out("report.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("report\n  " + "\n  ".join(lines))
+
 
 
 # -----------------------------------------------------------------------------
@@ -824,29 +1054,41 @@ def render_all(scenes):
     return torch.from_numpy(np.stack([render(objects) for objects in scenes])).permute(0, 3, 1, 2)
 
 
+PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above a red square",  # seen
+                   "a green circle at the top", "a red circle above a blue square",  # a new place, a new pair
+                   "a red triangle", "a blue circle to the left of a white square"]  # held-out colour-shape pairs
+
+
+class ShapesData(Data):
+    """The Shapes world's training pool: an item is a scene (objects, relation)."""
+    picture_prompts = PICTURE_PROMPTS
+    guide_phrases = POSITIONS
+
+    def caption(self, item, rng):
+        return caption(*item, rng)
+
+    def weight(self, item, cfg):
+        # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
+        return cfg.pair_weight if item[1] else 1
+
+    def twin(self, item, rng):
+        return swapped(*item, rng) if item[1] is not None else None
+
+    def render(self, items):
+        return render_all([objects for objects, _ in items])
+
+    def corpus(self, rng):
+        return "\n".join(caption(*item, rng) for item in self.items[:5000])
+
+    def judge(self, prompts, images):
+        return judge_all(prompts, images)["all"]
+
+
 def make_pool(n, seed):
+    """n training scenes, rendered once -> ShapesData (its images (n, 3, 64, 64) uint8)."""
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]
-    return scenes, render_all([objs for objs, _ in scenes]).contiguous()  # (n, 3, 64, 64) uint8
-
-
-def clip_batch(pool, recon_u8, cfg, rng):
-    """One CLIP batch -> (scenes, uint8 images (B', 3, H, W)): half dVAE reconstructions, half renders, all distinct
-    scenes, and with clip_swaps each two-object scene's swapped twin."""
-    scenes, images_u8 = pool
-    n_rec, half = len(recon_u8), cfg.clip_batch // 2
-    idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(scenes)), cfg.clip_batch - half)
-    batch = [scenes[i] for i in idx]
-    images = torch.cat([recon_u8[idx[:half]], images_u8[idx[half:]]])  # (B, 3, H, W) uint8
-    if cfg.clip_swaps:
-        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
-        # only in binding or relation meet in one batch (README: Deviations)
-        twins = [t for t in (swapped(*s, rng) for s in batch if s[1] is not None) if t is not None]
-        if twins:
-            batch += twins
-            images = torch.cat([images, render_all([o for o, _ in twins])])  # (B + twins, 3, H, W)
-    return batch, images
-
+    return ShapesData(scenes, render_all([objs for objs, _ in scenes]).contiguous())
 
 
 def to_float(images_u8, device):
@@ -855,11 +1097,6 @@ def to_float(images_u8, device):
 
 def to_u8(images):
     return (images * 255).round().byte().cpu()  # images in [0, 1] -> uint8 on the CPU, same shape
-
-
-PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above a red square",  # seen
-                   "a green circle at the top", "a red circle above a blue square",  # a new place, a new pair
-                   "a red triangle", "a blue circle to the left of a white square"]  # held-out colour-shape pairs
 
 
 def eval_prompts(seed, n_each):
@@ -888,21 +1125,24 @@ def encode_pool(model, images_u8, device, batch=32):  # on 2 CPU threads, 32 at 
 
 
 @torch.no_grad()
-def write_samples(model, prompts, path, guidance, n=8, keep=4):
-    """The best `keep` of n candidates per prompt, a row each, under its prompt, with CLIP's score and the checker's
-    verdict under each picture."""
+def write_samples(model, data, path, guidance, n=8, keep=4):
+    """The best `keep` of n candidates for each of the data's picture prompts, a row each under its prompt, with
+    CLIP's score and, where the data has a checker, its verdict under each picture."""
     model.eval()
+    prompts = data.picture_prompts
     images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0, guidance=guidance)  # (P, keep, 3, H, W)
-    right = judge_all(prompts, images)["all"]  # (P, keep)
-    labelled_rows([(f'"{p}"', pictures, [f"{s:.3f} {'right' if ok else 'wrong'}" for s, ok in zip(row, oks)])
-                   for p, pictures, row, oks in zip(prompts, images, scores.tolist(), right)], scale=3).save(path)
+    right = data.judge(prompts, images)  # (P, keep) or None
+    verdict = lambda p, k: "" if right is None else " right" if right[p, k] else " wrong"  # noqa: E731
+    labelled_rows([(f'"{prompt}"', pictures, [f"{s:.3f}{verdict(p, k)}" for k, s in enumerate(row)])
+                   for p, (prompt, pictures, row) in enumerate(zip(prompts, images, scores.tolist()))],
+                  scale=3).save(path)
     model.train()
 
 
 @torch.no_grad()
-def write_recon(model, pool, device, path, n=8):
+def write_recon(model, data, device, path, n=8):
     model.eval()
-    images = to_float(pool[1][:n], device)
+    images = to_float(data.images[:n], device)
     image_grid(torch.stack([images, model.vae.decode(model.image_codes(images))])).save(path)  # renders over recons
     model.train()
 
@@ -1015,7 +1255,7 @@ def cell_patches(images_u8, cell):
 
 
 @torch.no_grad()
-def patch_limit(model, pool, device, path):
+def patch_limit(model, data, device, path):
     """Why held-out colour-shape pairs fail (README): how many of a held-out object's cells show pixels that no
     training image shows (with the code grid's cells, and with cells half as wide), and a picture: each held-out
     kind small and large, its unseen cells outlined, beside its dVAE reconstruction."""
@@ -1023,7 +1263,7 @@ def patch_limit(model, pool, device, path):
     objects = [place_one(rng, kind, size) for size in SIZES.values() for kind in sorted(HELD_OUT)]
     renders = render_all([[o] for o in objects])  # (16, 3, H, W)
     for c in (cell // 2, cell):
-        seen = set(cell_patches(pool[1], c))  # blank cells are in it: every training image has some
+        seen = set(cell_patches(data.images, c))  # blank cells are in it: every training image has some
         keys = cell_patches(renders, c)
         unseen = np.array([k not in seen for k in keys]).reshape(len(objects), SIZE // c, SIZE // c)
         lines.append(f"{c}x{c} cells: {unseen.sum()} of the {sum(k != bytes(3 * c * c) for k in keys)} non-blank "
@@ -1150,10 +1390,10 @@ def time_lines(cfg, state, report_s, total_s, device):
             f"{fmt_time(report_s)}", f"total time {fmt_time(total_s)}"]
 
 
-def write_report(model, cfg, pool, codes, device, state, out, t_start):
+def write_report(model, cfg, data, codes, device, state, out, t_start):
     """The report (report.txt) and its pictures, all into the output folder."""
     t_report = time.time()
-    write_samples(model, PICTURE_PROMPTS, out("final.png"), cfg.guidance)
+    write_samples(model, data, out("final.png"), cfg.guidance)
     model.eval()
     lines, recon_rows = report_dvae(model, cfg, device, codes)
     by_group = eval_prompts(cfg.seed, cfg.eval_prompts)  # {group: prompts}, fixed by the seed
@@ -1165,7 +1405,7 @@ def write_report(model, cfg, pool, codes, device, state, out, t_start):
         plot([("% right: CLIP picks the best of N candidates (N on a log scale)",
                {g: (list(ns), v) for g, v in curve.items()}, list(ns), False, (0, 100))], out("rerank_curve.png"),
              size=(420, 240))
-    lines += patch_limit(model, pool, device, out("held_out_patches.png"))
+    lines += patch_limit(model, data, device, out("held_out_patches.png"))
     lines += time_lines(cfg, state, time.time() - t_report, time.time() - t_start, device)
     labelled_rows(recon_rows).save(out("recon_by_group.png"))
     labelled_rows(sample_rows).save(out("samples_by_group.png"))
