@@ -50,7 +50,7 @@ class DALLEConfig:
     n_init: int = 64                # paper: 128, decoder width after the codebook conv
     image_vocab_size: int = 512     # K; paper: 8192
     # text (Sec 2.2)
-    text_seq_len: int = 32          # paper: 256
+    text_seq_len: int = 16          # paper: 256 (the Shapes world's captions are at most 13)
     text_vocab_size: int = 384      # V; paper: 16384 (the Shapes world's captions need 373)
     # the transformer prior (App. B.1)
     n_layer: int = 4                # paper: 64
@@ -320,9 +320,9 @@ class DiscreteVAE(nn.Module):
         return stats[:, :3], stats[:, 3:]  # mu, ln b: (B, 3, H, W) each
 
     @torch.no_grad()
-    def decode(self, codes, batch=32):
+    def decode(self, codes, batch=16):
         """codes (B, h, w) long -> images (B, 3, H, W) in [0, 1], `batch` at a time: the one-hot input is
-        K floats per cell, and on a CPU big batches run at half the speed (their activations leave the caches)."""
+        K floats per cell, and on a CPU big batches run slower (their activations leave the caches)."""
         K, images = self.config.image_vocab_size, []
         for c in codes.split(batch):  # (b, h, w)
             one_hot = F.one_hot(c, K).permute(0, 3, 1, 2).float()  # (b, K, h, w)
@@ -390,9 +390,9 @@ def load_openai_dvae(encoder_state_dict, decoder_state_dict, image_size=256):
 #
 # The image->image masks (App. B.1, Fig. 11), written for the output at the position that predicts image cell
 # q = (r, c) on an h x w grid; it may read the input holding cell k = (r', c') when k < q in raster order and
-#   row:            q - w <= k          the last w cells: a raster window back to the same column one row up
-#   column:         c' == c             the earlier cells of its own column (Fig. 11b transposes for this)
-#   convolutional:  |r'-r|, |c'-c| <= kernel // 2, a causal kernel x kernel neighbourhood (11x11; 3x3 in Fig. 11c)
+#   row (Fig. 11a): q - w <= k          the last w cells: a raster window back to the same column one row up
+#   column (11b):   c' == c             the earlier cells of its own column (11c: the same, on transposed states)
+#   convolutional (11d): |r'-r|, |c'-c| <= kernel // 2, a causal kernel x kernel neighbourhood (11x11; 3x3 drawn)
 # Text is causal, and every image position reads every text position in every layer.
 # Layer i of n (1-based): i == n -> convolutional; (i - 2) % 4 == 0 -> column; else row (App. B.1).
 # DEVIATION: the paper runs these patterns as custom sparse kernels; we hand the same patterns as dense boolean
