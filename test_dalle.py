@@ -653,7 +653,7 @@ import train  # noqa: E402  (an ImportError in train.py fails every test below, 
 
 def test_world_never_renders_a_held_out_kind():
     rng, seen_pairs, places = random.Random(0), set(), set()
-    for objects, _ in [train.random_scene(rng) for _ in range(20000)] + train.make_pool(500, 1)[0]:  # every stage's
+    for objects, _ in [train.random_scene(rng) for _ in range(20000)] + train.make_pool(500, 1).items:  # every stage's
         kinds = [(o.colour, o.shape) for o in objects]
         assert not set(kinds) & train.HELD_OUT  # 1. colour-shape pairs
         if len(kinds) == 2:  # 2. pairs never together, in either order
@@ -844,7 +844,7 @@ def test_decoder_stage_trains_the_decoder_alone_on_the_pools_codes():
     encoder = {k: v.clone() for k, v in model.vae.encoder.state_dict().items()}
     decoder = {k: v.clone() for k, v in model.vae.decoder.state_dict().items()}
     model.blank_code = state["blank_code"]
-    codes = train.encode_pool(model, pool[1], torch.device("cpu"))
+    codes = train.encode_pool(model, pool.images, torch.device("cpu"))
     train.train_decoder(model, pool, codes, cfg, torch.device("cpu"), state)
     assert all(torch.equal(v, model.vae.encoder.state_dict()[k]) for k, v in encoder.items())  # codes unchanged
     assert not all(torch.equal(v, model.vae.decoder.state_dict()[k]) for k, v in decoder.items())
