@@ -42,7 +42,7 @@ import torch.nn.functional as F
 @dataclass
 class DALLEConfig:
     # DEVIATION: the defaults are a toy that trains on a laptop CPU in minutes (64 px, 8x8 codes, K 512, 4 layers of
-    # 128); every field notes its paper value and DALLEConfig.paper() builds the paper's model.
+    # 64); every field notes its paper value and DALLEConfig.paper() builds the paper's model.
     # images and the dVAE (Sec 2.1, App. A.1)
     image_size: int = 64            # paper: 256
     n_hid: int = 32                 # paper: 256, dVAE widths n_hid x 1/2/4/8
@@ -153,7 +153,8 @@ class BPETokenizer:
             chunks = [merge(ids, pair, idx) for ids in chunks]
             self.merges[pair] = idx
             if verbose:
-                print(f"merge {idx - 255}/{vocab_size - 256}: {pair} -> {idx} had {stats[pair]} occurrences")
+                piece = self._build_vocab()[idx].decode("utf-8", errors="replace")
+                print(f"merge {idx - 255}/{vocab_size - 256}: {pair} -> {idx} {piece!r} had {stats[pair]} occurrences")
         self.vocab = self._build_vocab()
         self.cache = {}
 
@@ -503,8 +504,8 @@ class Transformer(nn.Module):
         self.h = nn.ModuleList([Block(c.n_embd, c.n_head) for _ in range(c.n_layer)])
         self.kinds = [MASK_KINDS.index(layer_mask_kind(i + 1, c.n_layer)) for i in range(c.n_layer)]
         self.ln_f = nn.LayerNorm(c.n_embd)
-        # no lm_head: the output vocabulary is the input's, read through the token embeddings (weight tying, as GPT-2
-        # and nanoGPT do; the paper does not say). README: Deviations
+        # DEVIATION: no lm_head: the output vocabulary is the input's, read through the token embeddings (weight
+        # tying, as GPT-2 and nanoGPT do; the paper does not say). README: Deviations
         masks = [attention_mask(k, c.text_seq_len, c.grid_size, c.grid_size, c.conv_kernel) for k in MASK_KINDS]
         self.register_buffer("masks", torch.stack(masks), persistent=False)  # (3, T, T)
         self.apply(self._init_weights)

@@ -20,7 +20,7 @@ import torch
 from dalle import DALLE, ArgumentParser, CheckpointError, attention_picture, drawing_frames, labelled_rows, pick_device
 
 try:  # the Shapes world's checker, to say which pictures are right; sampling itself needs only dalle.py
-    from train import judge_all, parse
+    from train import SIZE, judge_all, parse
 except ImportError:
     judge_all = parse = None
 
@@ -103,7 +103,8 @@ def main(argv=None):
                                     top_k=args.top_k, seed=args.seed, image_prompt=prompt, guidance=guidance)
     verdicts = [None] * len(args.prompts)  # the checker's, for captions of the Shapes world it can read
     if parse is not None:
-        verdicts = [judge_all([t], pics[None])["all"][0] if parse(t) else None for t, pics in zip(args.prompts, images)]
+        verdicts = [judge_all([t], pics[None])["all"][0] if parse(t) and pics.shape[-1] == SIZE else None
+                    for t, pics in zip(args.prompts, images)]  # the checker reads the Shapes world's 64 px pictures
     rows = [(f'"{text}"', pictures, [f"{s:.3f}" + ("" if v is None else " right" if ok else " wrong")
                                      for s, ok in zip(row, v if v is not None else [None] * len(row))])
             for text, pictures, row, v in zip(args.prompts, images, scores.tolist(), verdicts)]

@@ -1002,11 +1002,13 @@ FOLDER_RUN = ["--dvae-steps", "4", "--decoder-steps", "2", "--prior-steps", "3",
 
 def test_training_on_a_folder_of_pictures(tmp_path):
     """--data DIR: the three stages on a folder's pictures and captions (x.txt beside x.png, or captions.tsv), the
-    BPE trained on its captions, a report with no checker, and a checkpoint that sample.py draws from."""
+    BPE trained on its captions, a report with no checker, and a checkpoint that sample.py draws from, at a picture
+    size other than the Shapes world's (sample.py's checker, which reads 64 px, stays out of it)."""
     folder = _folder(tmp_path / "pics")
-    train.main(FOLDER_RUN + ["--data", str(folder), "--out-dir", str(tmp_path / "out")])
+    run = FOLDER_RUN[:-1] + [FOLDER_RUN[-1] + ",image_size=32"]
+    train.main(run + ["--data", str(folder), "--out-dir", str(tmp_path / "out")])
     model, ckpt = DALLE.load(str(tmp_path / "out" / "dalle.pt"))
-    assert ckpt["stage"] == "done" and (tmp_path / "out" / "holdout.png").exists()
+    assert ckpt["stage"] == "done" and (tmp_path / "out" / "holdout.png").exists() and model.config.image_size == 32
     assert "held-out" in (tmp_path / "out" / "report.txt").read_text()
     assert model.guide_phrases == [] and ckpt["train"]["guidance"] == 1.0  # position guidance is the Shapes world's
     r = run_sample("a red circle", "--checkpoint", str(tmp_path / "out" / "dalle.pt"), "--out", str(tmp_path / "s.png"),

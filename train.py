@@ -58,6 +58,8 @@ class TrainConfig:
     dvae_recon: str = setting("mse", "reconstruction term: the paper's logit-laplace (App. A.3) collapsed every "
                                      "short run to a few codes; mse is the squared error of sigmoid(mu)",
                               choices=("mse", "logit-laplace"))
+    # DEVIATION: no EMA of the dVAE's weights (paper: decay 0.999 over 3M updates); a run of thousands has no long
+    # plateau for an average to smooth (README: Deviations)
     beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
     beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
     dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: the whole image; paper: "
@@ -1346,7 +1348,7 @@ def draw_losses(history, path):
 def benchmark(device):
     """Speed at the reference config of issue #2 (lucidrains/DALLE-pytorch's figures were taken at it):
     64 px, 8x8 codes, K 512, text 32 tokens of a 1024 vocab, n_embd 256, 4 layers, 8 heads, batch 32."""
-    c = DALLEConfig(text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
+    c = DALLEConfig(text_seq_len=32, text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
     tokenizer = BPETokenizer()
     tokenizer.train(" ".join(caption(*random_scene(random.Random(i)), random.Random(i)) for i in range(500)), 1024)
     model = DALLE(c, tokenizer).to(device)
