@@ -481,7 +481,8 @@ def start(cfg, args, data, device):
     if args.resume:
         path = os.path.join(args.out_dir, "dalle.pt")
         model, ckpt = load_or_exit(path, device, "cannot resume")
-        print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
+        if RANK == 0:
+            print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
         return model, {"stage": ckpt["stage"], "step": ckpt["step"], "opt": ckpt.get("opt"),
                        "blank_code": model.blank_code, "history": ckpt.get("history") or history,
                        "seconds": ckpt.get("seconds") or {}}
@@ -568,7 +569,7 @@ def main(argv=None):
         save()
         if RANK == 0:
             print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
-                  f"continue with: python train.py --resume")
+                  f"continue with the same command and --resume")
         sys.exit(130)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
