@@ -142,7 +142,7 @@ class BPETokenizer:
         chunk_counts = Counter(self.compiled_pattern.findall(text))
         chunks = [list(ch.encode("utf-8")) for ch in chunk_counts]
         weights = list(chunk_counts.values())
-        self.merges = {}
+        self.merges, self.vocab = {}, self._build_vocab()  # the 256 bytes; each merge adds its token below
         for idx in range(256, vocab_size):
             stats = {}
             for ids, weight in zip(chunks, weights):
@@ -152,10 +152,10 @@ class BPETokenizer:
             pair = max(stats, key=stats.get)
             chunks = [merge(ids, pair, idx) for ids in chunks]
             self.merges[pair] = idx
+            self.vocab[idx] = self.vocab[pair[0]] + self.vocab[pair[1]]
             if verbose:
-                piece = self._build_vocab()[idx].decode("utf-8", errors="replace")
+                piece = self.vocab[idx].decode("utf-8", errors="replace")
                 print(f"merge {idx - 255}/{vocab_size - 256}: {pair} -> {idx} {piece!r} had {stats[pair]} occurrences")
-        self.vocab = self._build_vocab()
         self.cache = {}
 
     def _encode_chunk(self, ids, dropout, rng):
