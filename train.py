@@ -82,6 +82,9 @@ class TrainConfig:
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
     pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as single objects "
                                   "(paper: the data as it comes): pairs are what the prior learns last")
+    place_phrase: float = setting(0.9, "share of the prior's one-object captions that say where the object is (CLIP's "
+                                       "and the report's: half): named, a place is learnt from its words, not from "
+                                       "which object it is")
     null_caption: float = setting(0.0, "share of captions left empty, for guidance against the empty caption "
                                        "(not in the paper)")
     # stage 3, CLIP (Sec 2.6)
@@ -201,7 +204,7 @@ class Data:
     def __init__(self, items, images):
         self.items, self.images = items, images
 
-    def caption(self, item, rng):
+    def caption(self, item, rng, say_place=0.5):  # say_place: the Shapes world's share of captions naming a place
         return rng.choice(item)
 
     def weight(self, item, cfg):  # how many times the prior's draws hold this item
@@ -338,7 +341,9 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
         rng = step_rng(cfg.seed, "prior", step)
         idx = rng.sample(draws, cfg.prior_batch)
         # DEVIATION: for guidance against the empty caption (not in the paper), a share of captions left empty
-        captions = ["" if rng.random() < cfg.null_caption else data.caption(data.items[i], rng) for i in idx]
+        # DEVIATION: most one-object captions name the place (paper: captions as they come; README: Deviations)
+        captions = ["" if rng.random() < cfg.null_caption else data.caption(data.items[i], rng, cfg.place_phrase)
+                    for i in idx]
         text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
         _, losses = forward(text, codes[idx].to(device))
         check_finite(losses["loss"], "prior", step)
@@ -889,9 +894,9 @@ def _noun(colour, shape, size=None):
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption(objects, relation, rng, where=None):
-    """A random true paraphrase of a scene: size and position words are each said or left out (the position
-    phrase `where` is always said, if given)."""
+def caption(objects, relation, rng, where=None, say_place=0.5):
+    """A random true paraphrase of a scene: the size word is said or left out, a position phrase that holds is said
+    with probability say_place (the phrase `where` always, if given)."""
     if relation is not None:
         a, b = objects
         core = f"{_noun(a.colour, a.shape)} {relation} {_noun(b.colour, b.shape)}"
@@ -902,7 +907,7 @@ def caption(objects, relation, rng, where=None):
     o = objects[0]
     size = size_word(o.size) if rng.random() < 0.5 else None
     phrases = true_positions(o, margin=2)
-    if where is None and phrases and rng.random() < 0.5:
+    if where is None and phrases and rng.random() < say_place:
         where = rng.choice(phrases)
     tail = f" {where}" if where else ""
     form = rng.randrange(5)
@@ -1068,8 +1073,8 @@ class ShapesData(Data):
     picture_prompts = PICTURE_PROMPTS
     guide_phrases = POSITIONS
 
-    def caption(self, item, rng):
-        return caption(*item, rng)
+    def caption(self, item, rng, say_place=0.5):
+        return caption(*item, rng, say_place=say_place)
 
     def weight(self, item, cfg):
         # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
