@@ -851,6 +851,20 @@ def test_decoder_stage_trains_the_decoder_alone_on_the_pools_codes():
     assert state["stage"] == "prior" and len(state["history"]["decoder"]) == 3
 
 
+def test_tau_anneals_over_its_share_of_the_relaxed_updates(monkeypatch):
+    """--tau-anneal 0.5: tau reaches 1/16 half-way through the relaxed updates and stays there (fails if train_dvae
+    anneals over all the updates whatever the flag, or over the share of the decoder's: both tried)."""
+    cfg, args = train.parse_args(TINY_RUN + ["--dvae-steps", "8", "--tau-anneal", "0.5"])
+    pool = train.make_pool(cfg.pool, cfg.seed)
+    model = train.build_model(cfg, pool, args.config)
+    taus = []
+    monkeypatch.setattr(train, "gumbel_temperature", lambda step, steps: taus.append(gumbel_temperature(step, steps))
+                        or taus[-1])
+    train.train_dvae(model, pool, cfg, torch.device("cpu"), {"step": 0, "history": {"dvae": []}})
+    assert len(taus) == 8 and taus[0] == 1.0 and taus[1] > taus[2] > taus[3]
+    assert all(math.isclose(t, 1 / 16) for t in taus[4:])
+
+
 def test_the_priors_one_object_captions_name_the_place_at_place_phrase(tmp_path):
     """The prior's one-object captions say where the object is at --place-phrase; caption() says it at say_place,
     half by default, as CLIP and the report draw them (fails if train_prior leaves the share at its default, or if

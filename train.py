@@ -62,6 +62,9 @@ class TrainConfig:
     # plateau for an average to smooth (README: Deviations)
     beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
     beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
+    # DEVIATION: tau anneals over all the relaxed updates, not the paper's first 5% (README: Deviations)
+    tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16, then held "
+                                     "(paper: 150k of 3M)")
     dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: the whole image; paper: "
                                  "whole images): a crop costs a third of a whole image, so more updates fit")
     logit_scale: float = setting(3.0, "the encoder's output conv starts this many times openai's init, so "
@@ -269,7 +272,7 @@ def train_dvae(model, data, cfg, device, state):
         if cfg.dvae_crop:  # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
             images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size)
         set_lr(opt, learning_rate(step, steps, cfg.dvae_lr, cfg.dvae_lr_end))
-        tau, beta = gumbel_temperature(step, steps), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
+        tau, beta = gumbel_temperature(step, steps * cfg.tau_anneal), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
         loss, parts = forward(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
         check_finite(loss, "dvae", step)
         opt.zero_grad(set_to_none=True)
