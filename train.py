@@ -71,7 +71,7 @@ class TrainConfig:
                                       "that codes beat the gumbel noise from the start")
     codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise: one-hot inputs look alike at first")
     # stage 1b, the decoder on the codes the prior will hand it (not in the paper)
-    decoder_steps: int = setting(1500, "updates of the decoder alone on the frozen encoder's argmax codes")
+    decoder_steps: int = setting(2500, "updates of the decoder alone on the frozen encoder's argmax codes")
     decoder_batch: int = setting(16, "images per decoder update")
     decoder_lr: float = setting(1e-3, "lr of the decoder updates, held")
     # stage 2, the transformer prior (Sec 2.2, App. B.2)
