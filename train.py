@@ -62,7 +62,7 @@ class TrainConfig:
     # plateau for an average to smooth (README: Deviations)
     beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
     beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
-    # DEVIATION: tau anneals over all the relaxed updates, not the paper's first 5% (README: Deviations)
+    # DEVIATION: tau anneals over all the relaxed updates, not only the paper's first 150k of 3M (README: Deviations)
     tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16, then held "
                                      "(paper: 150k of 3M)")
     dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: the whole image; paper: "
