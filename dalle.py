@@ -621,7 +621,11 @@ class Transformer(nn.Module):
             if top_k is not None:  # top_k counts codes, e.g. 64 of K (not a fraction)
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            # inverse-CDF sampling: one uniform a row, where torch.multinomial draws K (slow on a CPU); right=True
+            # never lands on a code of probability 0, the clamp on a rounding past the last
+            cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, K)
+            u = torch.rand(B, 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+            nxt = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
             codes = torch.cat([codes, nxt], dim=1)  # (B, m + 1)
             both = torch.cat([codes, codes[guided]])  # (B + G, m + 1): every row's codes so far
             if use_cache:

@@ -441,6 +441,25 @@ def test_generation_is_reproducible_with_a_seed_and_top_k_restricts_it():
     assert torch.equal(g1, g2)  # top-1 is greedy, whatever the seed
 
 
+def test_generation_draws_each_code_as_often_as_its_probability():
+    """The sampler (inverse CDF) against fixed logits: each code's share of 12,800 draws is its softmax probability,
+    top_k's masked codes are never drawn. Tried against wrong answers, each fails: the cdf shifted by one code, the
+    probabilities searched instead of the cdf, the argmax instead of a draw, top_k ignored."""
+    torch.manual_seed(0)
+    prior = Transformer(TINY).eval()
+    K = TINY.image_vocab_size
+    logits = torch.full((K,), -30.0)
+    logits[[3, 7, 8, K - 1]] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    prior.image_logits = lambda feats: logits.expand(len(feats), K).clone()  # (B, K), whatever the context
+    text, _ = _random_batch(TINY, B=800)
+    codes = prior.generate(text, generator=torch.Generator().manual_seed(0)).flatten()  # 800 * T_img draws
+    share = torch.bincount(codes, minlength=K).float() / len(codes)
+    assert torch.allclose(share[[3, 7, 8, K - 1]], torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
+    assert share[[3, 7, 8, K - 1]].sum() == 1  # no draw of a code of probability e^-30
+    top2 = prior.generate(text, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(top2.unique().tolist()) == {3, 7}
+
+
 def test_guidance_1_is_the_unguided_path_token_for_token():
     torch.manual_seed(0)
     prior = Transformer(TINY).eval()
