@@ -884,6 +884,29 @@ def test_tau_anneals_over_its_share_of_the_relaxed_updates(monkeypatch):
     assert all(math.isclose(t, 1 / 16) for t in taus[4:])
 
 
+def test_each_crop_holds_a_drawn_cell_and_its_own_codes():
+    """random_crop on objects: every image's crop holds a cell it draws on, lies on whole cells inside the image,
+    and carries the codes of the same cells; off objects, one crop for the batch (fails if the crop is shared by
+    the batch, drawn anywhere, cut off the cell grid, or the codes come from another window: all tried)."""
+    rng, cell, crop = random.Random(0), 8, 32
+    pool = train.make_pool(64, 0)
+    images = train.to_float(pool.images, "cpu")  # (64, 3, 64, 64)
+    g = images.shape[2] // cell
+    codes = torch.arange(64 * g * g).view(64, g, g)  # each cell its own code, so a window says where it was cut
+    for _ in range(10):
+        crops, cut = train.random_crop(rng, images, codes, crop, cell, on_object=True)
+        assert crops.shape == (64, 3, crop, crop) and cut.shape == (64, crop // cell, crop // cell)
+        assert (crops.amax(dim=(1, 2, 3)) > 0.1).all()  # none of them all black
+        for i in range(64):
+            r, c = divmod(int(cut[i, 0, 0]) - i * g * g, g)  # the window's top-left cell
+            assert torch.equal(cut[i], codes[i, r:r + crop // cell, c:c + crop // cell])
+            assert torch.equal(crops[i], images[i, :, r * cell:r * cell + crop, c * cell:c * cell + crop])
+        assert len({int(cut[i, 0, 0]) - i * g * g for i in range(64)}) > 1  # each image its own window
+    crops, cut = train.random_crop(rng, images, codes, crop, cell, on_object=False)
+    assert len({int(cut[i, 0, 0]) - i * g * g for i in range(64)}) == 1
+    assert (crops.amax(dim=(1, 2, 3)) <= 0.1).any()  # anywhere: some crops miss the object
+
+
 def test_the_priors_one_object_captions_name_the_place_at_place_phrase(tmp_path):
     """The prior's one-object captions say where the object is at --place-phrase; caption() says it at say_place,
     half by default, as CLIP and the report draw them (fails if train_prior leaves the share at its default, or if

@@ -67,11 +67,13 @@ class TrainConfig:
                                      "(paper: 150k of 3M)")
     dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: the whole image; paper: "
                                  "whole images): a crop costs a third of a whole image, so more updates fit")
+    crop_on_object: bool = setting(True, "each image's crop holds a cell it draws on, so that each update sees "
+                                         "shapes, not black (else one crop anywhere for the whole batch)")
     logit_scale: float = setting(3.0, "the encoder's output conv starts this many times openai's init, so "
                                       "that codes beat the gumbel noise from the start")
     codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise: one-hot inputs look alike at first")
     # stage 1b, the decoder on the codes the prior will hand it (not in the paper)
-    decoder_steps: int = setting(2500, "updates of the decoder alone on the frozen encoder's argmax codes")
+    decoder_steps: int = setting(1500, "updates of the decoder alone on the frozen encoder's argmax codes")
     decoder_batch: int = setting(16, "images per decoder update")
     decoder_lr: float = setting(1e-3, "lr of the decoder updates, held")
     # stage 2, the transformer prior (Sec 2.2, App. B.2)
@@ -165,11 +167,27 @@ def ddp(module, device):
                                    broadcast_buffers=False)  # the buffers (attention masks) never change
 
 
-def random_crop(rng, images, codes, crop, cell):
-    """The same random crop of whole cells from images (B, 3, H, W) and, if given, their codes (B, h, w)."""
-    r, c = (rng.randrange((images.shape[2] - crop) // cell + 1) for _ in range(2))
-    images = images[:, :, r * cell:r * cell + crop, c * cell:c * cell + crop]  # (B, 3, crop, crop)
-    return images, None if codes is None else codes[:, r:r + crop // cell, c:c + crop // cell]
+def random_crop(rng, images, codes, crop, cell, on_object):
+    """A random crop of whole cells, crop pixels wide, from images (B, 3, H, W) in [0, 1] and, if given, their codes
+    (B, h, w). on_object: each image its own crop, around a cell it draws on (one at random), as a crop of black cells
+    teaches nothing; else one crop, anywhere, for the whole batch."""
+    n = crop // cell  # cells along a side
+    if not on_object:
+        r, c = (rng.randrange((images.shape[2] - crop) // cell + 1) for _ in range(2))
+        images = images[:, :, r * cell:r * cell + crop, c * cell:c * cell + crop]  # (B, 3, crop, crop)
+        return images, None if codes is None else codes[:, r:r + n, c:c + n]
+    drawn = ~blank_cells(images, cell)  # (B, h, w)
+    h, w = drawn.shape[1:]
+    corners = []  # each crop's top-left cell: a window of n x n cells inside the grid that holds the chosen cell
+    for cells in drawn:
+        y, x = rng.choice(cells.nonzero().tolist() or [[rng.randrange(h), rng.randrange(w)]])
+        corners.append((rng.randrange(max(0, y - n + 1), min(y, h - n) + 1),
+                        rng.randrange(max(0, x - n + 1), min(x, w - n) + 1)))
+    images = torch.stack([im[:, r * cell:(r + n) * cell, c * cell:(c + n) * cell]
+                          for im, (r, c) in zip(images, corners)])  # (B, 3, crop, crop)
+    if codes is not None:
+        codes = torch.stack([cd[r:r + n, c:c + n] for cd, (r, c) in zip(codes, corners)])  # (B, n, n)
+    return images, codes
 
 
 def squared_error(x, mu, ln_b):
@@ -269,8 +287,9 @@ def train_dvae(model, data, cfg, device, state):
     for step in range(start, steps):
         rng = step_rng(cfg.seed, "dvae", step)
         images = to_float(data.images[rng.sample(range(len(data.images)), cfg.dvae_batch)], device)  # (B, 3, H, W)
-        if cfg.dvae_crop:  # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
-            images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size)
+        # DEVIATION: a random crop of whole cells, around a drawn one: the nets are convolutional (README)
+        if cfg.dvae_crop:
+            images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size, cfg.crop_on_object)
         set_lr(opt, learning_rate(step, steps, cfg.dvae_lr, cfg.dvae_lr_end))
         tau, beta = gumbel_temperature(step, steps * cfg.tau_anneal), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
         loss, parts = forward(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
@@ -308,7 +327,7 @@ def train_decoder(model, data, codes, cfg, device, state):
         idx = rng.sample(range(len(codes)), cfg.decoder_batch)
         images, batch = to_float(data.images[idx], device), codes[idx].to(device)  # (B, 3, H, W), (B, h, w)
         if cfg.dvae_crop:
-            images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell)
+            images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell, cfg.crop_on_object)
         one_hot = F.one_hot(batch, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h', w')
         stats = decoder(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 6, H', W')
         mu, ln_b = stats[:, :3], stats[:, 3:]  # (B, 3, H', W') each, as vae.decode_soft
