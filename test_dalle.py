@@ -546,6 +546,25 @@ def test_clip_loss_is_symmetric_over_images_and_captions():
         assert torch.isclose(model.clip(text, images), (image_to_text + text_to_image) / 2)
 
 
+def test_clip_loss_scores_extra_images_as_negatives_for_every_caption():
+    """Images beyond the B captions (CLIP's broken hard negatives) match no caption: they join each caption's
+    choice of image, and have no caption to choose. Tried against: extra images ignored (the loss would not change),
+    and extra images given a caption-choosing row of their own: each fails here."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    text = model.tokenize(["a red circle", "a blue square", "a green triangle"])
+    images = torch.rand(5, 3, 32, 32)  # 3 matching images, then 2 that match none
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(20.0))
+        t, i = model.clip.encode_text(text), model.clip.encode_image(images)  # (3, C), (5, C)
+        logits = 20.0 * i @ t.t()  # (5, 3): image x caption
+        labels = torch.arange(3)
+        F = torch.nn.functional
+        expected = (F.cross_entropy(logits[:3], labels) + F.cross_entropy(logits.t(), labels)) / 2
+        assert torch.isclose(model.clip(text, images), expected)
+        assert not torch.isclose(model.clip(text, images), model.clip(text, images[:3]))
+
+
 def test_clip_text_embedding_does_not_depend_on_the_rest_of_the_batch():
     model = tiny_model()  # encode_text skips the pads after the batch's longest caption: that must change nothing
     clip, short, long = model.clip, model.tokenize(["red"]), model.tokenize(["a small red circle on the left"])
@@ -749,6 +768,46 @@ def test_clip_hard_negatives_are_true_negatives():
             assert not train.judge(train.parse(train.caption(a, ra, rng)), train.render(b))["all"]
             assert train.judge(train.parse(train.caption(a, ra, rng)), train.render(a))["all"]
     assert kinds == {"places", "colours", "shapes"}
+
+
+def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
+    """A broken copy (CLIP's hard negative) is the scene with 1 to half of the 8x8 cells where one object and the
+    same object of another shape or colour differ taken from that one, never a held-out kind. Tried against: the
+    scene unchanged, the whole object swapped, a held-out kind allowed, and pixels changed outside whole cells:
+    each fails here."""
+    rng, c, seen = random.Random(5), train.LATTICE, 0
+    for _ in range(150):
+        objects, relation = train.random_scene(rng)
+        image = train.broken(objects, rng)
+        if image is None:
+            continue
+        seen += 1
+        scene = train.render(objects)
+        assert (image != scene).any()
+        cell = lambda a, y, x: a[y:y + c, x:x + c]  # noqa: E731
+        grid = [(y, x) for y in range(0, train.SIZE, c) for x in range(0, train.SIZE, c)]
+        explained = False
+        for k, o in enumerate(objects):  # which other kind of which object it was taken from
+            kinds = [(a, b) for a in train.COLOURS for b in train.SHAPES if (a == o.colour) != (b == o.shape)]
+            for colour, shape in kinds:
+                other = train.render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
+                same = lambda a, y, x: (cell(image, y, x) == cell(a, y, x)).all()  # noqa: E731
+                if not all(same(scene, y, x) or same(other, y, x) for y, x in grid):
+                    continue
+                taken = sum((cell(image, y, x) != cell(scene, y, x)).any() for y, x in grid)
+                differ = sum((cell(other, y, x) != cell(scene, y, x)).any() for y, x in grid)
+                if 1 <= taken <= differ // 2:
+                    assert (colour, shape) not in train.HELD_OUT
+                    explained = True
+        assert explained
+    assert seen > 140
+    data, rec = train.make_pool(64, 0), torch.zeros(0, 3, 64, 64, dtype=torch.uint8)  # clip_batch puts them last
+    for share, extra in ((0.0, 0), (0.5, 16)):
+        cfg = train.TrainConfig(clip_batch=32, clip_broken=share, clip_swaps=False)
+        captions, images = train.clip_batch(data, rec, cfg, random.Random(0))
+        assert len(images) == len(captions) + extra == 32 + extra
+        assert all(any(torch.equal(i, j) for j in data.images) for i in images[:32])
+        assert not any(any(torch.equal(i, j) for j in data.images) for i in images[32:])
 
 
 def test_checker_is_right_on_clean_renders():

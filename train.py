@@ -103,6 +103,9 @@ class TrainConfig:
     clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
                                             "each batch), as it will rank decoded samples")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
+    clip_broken: float = setting(0.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
+                                      "cells of one object drawn as another shape or colour, which no caption "
+                                      "describes (README: Levers; 1 costs about twice CLIP's time)")
     # sampling, in the report and in sample.py (Sec 2.6: temperature 1, no guidance)
     guidance: float = setting(2.0, "classifier-free guidance towards the caption's position phrase: the caption "
                                    "without it is the unconditional (1: the paper's sampling)")
@@ -234,6 +237,9 @@ class Data:
     def twin(self, item, rng):  # a hard negative for CLIP: an item whose captions do not describe this one, or None
         return None
 
+    def broken(self, item, rng):  # a hard negative for CLIP: a uint8 image (3, H, W) no caption describes, or None
+        return None
+
     def corpus(self, rng):  # the text the BPE is trained on
         return "\n".join(c for item in self.items for c in item)
 
@@ -242,8 +248,9 @@ class Data:
 
 
 def clip_batch(data, recon_u8, cfg, rng):
-    """One CLIP batch -> (captions, uint8 images (B', 3, H, W)): half dVAE reconstructions (of the first
-    len(recon_u8) images), half the images themselves, all distinct, and with clip_swaps each item's twin."""
+    """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): half dVAE reconstructions (of the first
+    len(recon_u8) images), half the images themselves, all distinct, with clip_swaps each item's twin, and last n
+    broken images that no caption describes (clip_broken)."""
     n_rec = len(recon_u8)
     half = min(cfg.clip_batch // 2, n_rec)
     idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(data.items)),
@@ -256,7 +263,13 @@ def clip_batch(data, recon_u8, cfg, rng):
         twins = [t for t in (data.twin(item, rng) for item in items) if t is not None]
         if twins:
             items += twins
-            images = torch.cat([images, data.render(twins)])  # (B + twins, 3, H, W)
+            images = torch.cat([images, data.render(twins)])  # (B', 3, H, W), B' = B + twins
+    # DEVIATION (with clip_broken > 0): broken objects as hard negatives, not the paper's CLIP: it picked objects
+    # the prior drew from the cells of two shapes or colours over whole ones (README: Levers)
+    negatives = [b for b in (data.broken(item, rng) for item in items[:round(cfg.clip_broken * cfg.clip_batch)])
+                 if b is not None]
+    if negatives:
+        images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
     return [data.caption(item, rng) for item in items], images
 
 
@@ -860,6 +873,26 @@ def swapped(objects, relation, rng):
     return rng.choice(options) if options else None
 
 
+def broken(objects, rng):
+    """A hard negative for CLIP: the scene with one object broken, 1 to half of the 8x8 cells where it differs from
+    the same object of another shape or colour (never a held-out kind) taken from that one -> uint8 (64, 64, 3),
+    or None when too few cells differ."""
+    k = rng.randrange(len(objects))
+    o = objects[k]
+    kinds = [(c, s) for c in COLOURS for s in SHAPES if (c == o.colour) != (s == o.shape) and (c, s) not in HELD_OUT]
+    colour, shape = rng.choice(kinds)
+    image = render(objects).copy()
+    other = render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
+    differs = (other != image).any(-1)  # (64, 64)
+    c = LATTICE
+    cells = [(y, x) for y in range(0, SIZE, c) for x in range(0, SIZE, c) if differs[y:y + c, x:x + c].sum() >= 6]
+    if len(cells) < 2:
+        return None
+    for y, x in rng.sample(cells, rng.randint(1, len(cells) // 2)):
+        image[y:y + c, x:x + c] = other[y:y + c, x:x + c]
+    return image
+
+
 REPORT_GROUPS = ("seen objects", "new places", "seen pairs", "new pairs", "held-out objects", "held-out in pairs")
 
 
@@ -1104,6 +1137,10 @@ class ShapesData(Data):
 
     def twin(self, item, rng):
         return swapped(*item, rng) if item[1] is not None else None
+
+    def broken(self, item, rng):
+        image = broken(item[0], rng)
+        return None if image is None else torch.from_numpy(image).permute(2, 0, 1)  # (3, H, W) uint8
 
     def render(self, items):
         return render_all([objects for objects, _ in items])
