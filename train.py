@@ -875,8 +875,8 @@ def swapped(objects, relation, rng):
 
 def broken(objects, rng):
     """A hard negative for CLIP: the scene with one object broken, 1 to half of the 8x8 cells where it differs from
-    the same object of another shape or colour (never a held-out kind) taken from that one -> uint8 (64, 64, 3),
-    or None when too few cells differ."""
+    the same object of another shape or colour (never a held-out kind; 6 pixels or more of the 64) taken from that
+    one -> uint8 (64, 64, 3), or None when fewer than 2 cells differ."""
     k = rng.randrange(len(objects))
     o = objects[k]
     kinds = [(c, s) for c in COLOURS for s in SHAPES if (c == o.colour) != (s == o.shape) and (c, s) not in HELD_OUT]
