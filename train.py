@@ -105,7 +105,7 @@ class TrainConfig:
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
     clip_broken: float = setting(0.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
                                       "cells of one object drawn as another shape or colour, which no caption "
-                                      "describes (README: Levers; 1 costs about twice CLIP's time)")
+                                      "describes (README: Levers; 1 costs about 1.5x CLIP's time)")
     # sampling, in the report and in sample.py (Sec 2.6: temperature 1, no guidance)
     guidance: float = setting(2.0, "classifier-free guidance towards the caption's position phrase: the caption "
                                    "without it is the unconditional (1: the paper's sampling)")
