@@ -1340,10 +1340,11 @@ def patch_limit(model, data, device, path):
         lines.append(f"{c}x{c} cells: {unseen.sum()} of the {sum(k != bytes(3 * c * c) for k in keys)} non-blank "
                      f"cells of 16 held-out objects show pixels that no training image shows")
     outlined = to_float(renders, device)  # (16, 3, H, W); `unseen` is the last loop's: the code grid's cells
+    magenta = torch.tensor([1.0, 0.0, 1.0], device=outlined.device)[:, None, None]  # (3, 1, 1)
     for n, r, c in zip(*np.nonzero(unseen)):  # a magenta frame around each cell no training image shows
         box = outlined[n, :, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]  # (3, cell, cell), a view
-        box[:, [0, -1], :] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
-        box[:, :, [0, -1]] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+        box[:, [0, -1], :] = magenta
+        box[:, :, [0, -1]] = magenta
     recon = model.vae.decode(model.image_codes(to_float(renders, device)))  # (16, 3, H, W)
     pairs = torch.stack([outlined, recon], 1).reshape(2, 8 * 2, *recon.shape[1:])  # (2 sizes, 8 kinds x 2, 3, H, W)
     grid = image_grid(pairs)
