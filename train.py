@@ -884,8 +884,9 @@ def broken(objects, rng):
     image = render(objects).copy()
     other = render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
     differs = (other != image).any(-1)  # (64, 64)
-    c = LATTICE
-    cells = [(y, x) for y in range(0, SIZE, c) for x in range(0, SIZE, c) if differs[y:y + c, x:x + c].sum() >= 6]
+    c, n = LATTICE, SIZE // LATTICE
+    per_cell = differs.reshape(n, c, n, c).sum((1, 3))  # (8, 8): differing pixels in each cell
+    cells = [(c * y, c * x) for y, x in zip(*np.nonzero(per_cell >= 6))]  # row by row, as the cells are read
     if len(cells) < 2:
         return None
     for y, x in rng.sample(cells, rng.randint(1, len(cells) // 2)):
