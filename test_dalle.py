@@ -774,7 +774,8 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
     """A broken copy (CLIP's hard negative) is the scene with 1 to half of the 8x8 cells where one object and the
     same object of another shape or colour differ taken from that one, never a held-out kind. Tried against: the
     scene unchanged, the whole object swapped, a held-out kind allowed, and pixels changed outside whole cells:
-    each fails here."""
+    each fails here. clip_batch breaks the pool's own renders: the same copy as from a fresh render, and the pool
+    untouched (tried against writing into the pool's image instead of a copy: fails here)."""
     rng, c, seen = random.Random(5), train.LATTICE, 0
     for _ in range(150):
         objects, relation = train.random_scene(rng)
@@ -802,12 +803,18 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
         assert explained
     assert seen > 140
     data, rec = train.make_pool(64, 0), torch.zeros(0, 3, 64, 64, dtype=torch.uint8)  # clip_batch puts them last
+    pool = data.images.clone()
+    for k, (objects, _) in enumerate(data.items):
+        fresh = train.broken(objects, random.Random(k))
+        given = train.broken(objects, random.Random(k), data.images[k].permute(1, 2, 0).numpy())
+        assert (fresh is None and given is None) or np.array_equal(fresh, given)
     for share, extra in ((0.0, 0), (0.5, 16)):
         cfg = train.TrainConfig(clip_batch=32, clip_broken=share, clip_swaps=False)
         captions, images = train.clip_batch(data, rec, cfg, random.Random(0))
         assert len(images) == len(captions) + extra == 32 + extra
         assert all(any(torch.equal(i, j) for j in data.images) for i in images[:32])
         assert not any(any(torch.equal(i, j) for j in data.images) for i in images[32:])
+    assert torch.equal(data.images, pool)
 
 
 def test_checker_is_right_on_clean_renders():

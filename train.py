@@ -237,8 +237,8 @@ class Data:
     def twin(self, item, rng):  # a hard negative for CLIP: an item whose captions do not describe this one, or None
         return None
 
-    def broken(self, item, rng):  # a hard negative for CLIP: a uint8 image (3, H, W) no caption describes, or None
-        return None
+    def broken(self, item, image, rng):  # a hard negative for CLIP: the item's uint8 image (3, H, W) changed so
+        return None                      # that no caption describes it, or None
 
     def corpus(self, rng):  # the text the BPE is trained on
         return "\n".join(c for item in self.items for c in item)
@@ -266,7 +266,8 @@ def clip_batch(data, recon_u8, cfg, rng):
             images = torch.cat([images, data.render(twins)])  # (B', 3, H, W), B' = B + twins
     # DEVIATION (with clip_broken > 0): broken objects as hard negatives, not the paper's CLIP: it picked objects
     # the prior drew from the cells of two shapes or colours over whole ones (README: Levers)
-    negatives = [b for b in (data.broken(item, rng) for item in items[:round(cfg.clip_broken * cfg.clip_batch)])
+    n = round(cfg.clip_broken * cfg.clip_batch)
+    negatives = [b for b in (data.broken(item, data.images[i], rng) for item, i in zip(items[:n], idx))
                  if b is not None]
     if negatives:
         images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
@@ -873,19 +874,20 @@ def swapped(objects, relation, rng):
     return rng.choice(options) if options else None
 
 
-def broken(objects, rng):
+def broken(objects, rng, image=None):
     """A hard negative for CLIP: the scene with one object broken, 1 to half of the 8x8 cells where it differs from
     the same object of another shape or colour (never a held-out kind; 6 pixels or more of the 64) taken from that
-    one -> uint8 (64, 64, 3), or None when fewer than 2 cells differ."""
+    one -> uint8 (64, 64, 3), or None when fewer than 2 cells differ. image: the scene's render, if at hand."""
     k = rng.randrange(len(objects))
     o = objects[k]
     kinds = [(c, s) for c in COLOURS for s in SHAPES if (c == o.colour) != (s == o.shape) and (c, s) not in HELD_OUT]
     colour, shape = rng.choice(kinds)
-    image = render(objects).copy()
+    image = (render(objects) if image is None else image).copy()
     other = render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
-    differs = (other != image).any(-1)  # (64, 64)
+    differs = other != image  # (64, 64, 3)
+    differs = differs[..., 0] | differs[..., 1] | differs[..., 2]  # (64, 64): cheaper than .any(-1)
     c, n = LATTICE, SIZE // LATTICE
-    per_cell = differs.reshape(n, c, n, c).sum((1, 3))  # (8, 8): differing pixels in each cell
+    per_cell = differs.reshape(n, c, n, c).swapaxes(1, 2).reshape(n, n, c * c).sum(-1)  # (8, 8): per cell
     cells = [(c * y, c * x) for y, x in zip(*np.nonzero(per_cell >= 6))]  # row by row, as the cells are read
     if len(cells) < 2:
         return None
@@ -1139,8 +1141,8 @@ class ShapesData(Data):
     def twin(self, item, rng):
         return swapped(*item, rng) if item[1] is not None else None
 
-    def broken(self, item, rng):
-        image = broken(item[0], rng)
+    def broken(self, item, image, rng):
+        image = broken(item[0], rng, image.permute(1, 2, 0).numpy())
         return None if image is None else torch.from_numpy(image).permute(2, 0, 1)  # (3, H, W) uint8
 
     def render(self, items):
