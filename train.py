@@ -93,7 +93,7 @@ class TrainConfig:
     null_caption: float = setting(0.0, "share of captions left empty, for guidance against the empty caption "
                                        "(not in the paper)")
     # stage 3, CLIP (Sec 2.6)
-    clip_steps: int = setting(1200, "updates")
+    clip_steps: int = setting(1000, "updates")
     clip_batch: int = setting(64, "(caption, image) pairs per update: twice the updates of 128 in about the same "
                                   "time teach more")
     clip_lr: float = setting(4e-3, "peak lr")
@@ -103,9 +103,9 @@ class TrainConfig:
     clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
                                             "each batch), as it will rank decoded samples")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
-    clip_broken: float = setting(0.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
+    clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
                                       "cells of one object drawn as another shape or colour, which no caption "
-                                      "describes (README: Levers; 1 costs about 1.5x CLIP's time)")
+                                      "describes (not in the paper; 0: none, each update about a third cheaper)")
     # sampling, in the report and in sample.py (Sec 2.6: temperature 1, no guidance)
     guidance: float = setting(2.0, "classifier-free guidance towards the caption's position phrase: the caption "
                                    "without it is the unconditional (1: the paper's sampling)")
@@ -264,8 +264,8 @@ def clip_batch(data, recon_u8, cfg, rng):
         if twins:
             items += twins
             images = torch.cat([images, data.render(twins)])  # (B', 3, H, W), B' = B + twins
-    # DEVIATION (with clip_broken > 0): broken objects as hard negatives, not the paper's CLIP: it picked objects
-    # the prior drew from the cells of two shapes or colours over whole ones (README: Levers)
+    # DEVIATION: broken objects as hard negatives, not the paper's CLIP: it picked objects the prior drew from the
+    # cells of two shapes or colours over whole ones (README: Deviations)
     n = round(cfg.clip_broken * cfg.clip_batch)
     negatives = [b for b in (data.broken(item, data.images[i], rng) for item, i in zip(items[:n], idx))
                  if b is not None]
