@@ -974,9 +974,9 @@ def test_each_crop_holds_a_drawn_cell_and_its_own_codes():
 
 
 def test_the_priors_one_object_captions_name_the_place_at_place_phrase(tmp_path):
-    """The prior's one-object captions say where the object is at --place-phrase; caption() says it at say_place,
-    half by default, as CLIP and the report draw them (fails if train_prior leaves the share at its default, or if
-    caption ignores say_place: both tried)."""
+    """The prior's and CLIP's one-object captions say where the object is at --place-phrase; caption() says it at
+    say_place, half by default, as the report draws them (fails if train_prior or clip_batch leaves the share at its
+    default, or if caption ignores say_place: all three tried)."""
     cfg, args = train.parse_args(TINY_RUN + ["--prior-steps", "4", "--place-phrase", "1"])
     pool = train.make_pool(cfg.pool, cfg.seed)
     model = train.build_model(cfg, pool, args.config)
@@ -986,6 +986,10 @@ def test_the_priors_one_object_captions_name_the_place_at_place_phrase(tmp_path)
     codes = torch.randint(model.config.image_vocab_size, (len(pool.items), g, g))  # (n, h, w): any codes will do
     train.train_prior(model, pool, codes, cfg, torch.device("cpu"), {"history": {"prior": []}}, str(tmp_path))
     ones = [text for (objects, relation), text in drawn if relation is None]
+    assert ones and all("position" in train.parse(text) for text in ones)
+    recon = torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
+    captions, _ = train.clip_batch(pool, recon, replace(cfg, clip_broken=0.0), random.Random(0))
+    ones = [c for c in captions if not train.parse(c)["relation"]]
     assert ones and all("position" in train.parse(text) for text in ones)
     rng = random.Random(0)
     singles = [scene for scene in (train.random_scene(rng) for _ in range(3000)) if scene[1] is None]

@@ -87,8 +87,8 @@ class TrainConfig:
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
     pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as single objects "
                                   "(paper: the data as it comes): pairs are what the prior learns last")
-    place_phrase: float = setting(0.9, "share of the prior's one-object captions that say where the object is (CLIP's "
-                                       "and the report's: half): named, a place is learnt from its words, not from "
+    place_phrase: float = setting(0.9, "share of the prior's and CLIP's one-object captions that say where the object "
+                                       "is (the report's: half): named, a place is learnt from its words, not from "
                                        "which object it is")
     null_caption: float = setting(0.0, "share of captions left empty, for guidance against the empty caption "
                                        "(not in the paper)")
@@ -271,7 +271,7 @@ def clip_batch(data, recon_u8, cfg, rng):
                  if b is not None]
     if negatives:
         images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
-    return [data.caption(item, rng) for item in items], images
+    return [data.caption(item, rng, cfg.place_phrase) for item in items], images
 
 
 def check_finite(loss, stage, step):
