@@ -755,19 +755,32 @@ def test_captions_parse_back_to_their_scenes():
 
 
 def test_clip_hard_negatives_are_true_negatives():
+    """A pair's twin swaps colours, shapes or places; a single object's twin is the same object moved, and both
+    captions name the place. Neither caption describes the other scene, by the checker (fails when moved keeps a
+    phrase of the original's or ignores the held-out places, or when clip_batch lets a moved scene's caption leave
+    its place out: all three tried)."""
     rng, kinds = random.Random(4), set()
     for _ in range(600):
         objects, relation = train.random_scene(rng)
-        twin = train.swapped(objects, relation, rng) if relation else None
+        twin = train.swapped(objects, relation, rng) if relation else train.moved(objects[0], rng)
         if twin is None:
             continue
         assert train.in_training(twin[0])
-        kinds.add("places" if twin[1] != relation else "colours" if twin[0][0].colour != objects[0].colour else "shapes")
+        kinds.add("moved" if not relation else "places" if twin[1] != relation else
+                  "colours" if twin[0][0].colour != objects[0].colour else "shapes")
+        if not relation:
+            assert replace(twin[0][0], cx=0, cy=0) == replace(objects[0], cx=0, cy=0)
         # the checker: neither scene's caption describes the other scene, each describes its own
         for (a, ra), (b, rb) in ((twin, (objects, relation)), ((objects, relation), twin)):
-            assert not train.judge(train.parse(train.caption(a, ra, rng)), train.render(b))["all"]
-            assert train.judge(train.parse(train.caption(a, ra, rng)), train.render(a))["all"]
-    assert kinds == {"places", "colours", "shapes"}
+            text = train.caption(a, ra, rng, say_place=1.0)
+            assert not train.judge(train.parse(text), train.render(b))["all"]
+            assert train.judge(train.parse(text), train.render(a))["all"]
+    assert kinds == {"places", "colours", "shapes", "moved"}
+    assert sum(train.moved(train.place_one(rng, ("red", "circle")), rng) is not None for _ in range(200)) > 100
+    pool, cfg = train.make_pool(500, 0), train.TrainConfig(place_phrase=0.5, clip_moves=True)
+    captions, images = train.clip_batch(pool, torch.zeros(0, 3, 64, 64, dtype=torch.uint8), cfg, random.Random(0))
+    moved = [c for c in captions[cfg.clip_batch:] if not train.parse(c)["relation"]]  # the twins follow the batch
+    assert moved and all("position" in train.parse(c) for c in moved)
 
 
 def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():

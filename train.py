@@ -103,6 +103,8 @@ class TrainConfig:
     clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
                                             "each batch), as it will rank decoded samples")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
+    clip_moves: bool = setting(False, "each one-object scene whose caption names its place brings a twin: the same "
+                                      "object where that place does not hold (about a quarter more CLIP time)")
     clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
                                       "cells of one object drawn as another shape or colour, which no caption "
                                       "describes (not in the paper; 0: none, each update about a third cheaper)")
@@ -220,7 +222,7 @@ class Data:
     """What the stages train on: uint8 images (n, 3, H, W), rendered or read once, and an item per image that says
     what it shows. A caption is drawn afresh from the item at each use (the paper's images have several). This base
     class serves a folder of pictures (an item is the list of an image's captions); the Shapes world's subclass,
-    below the double ruler, adds what its scenes allow: pairs drawn more often, CLIP's swapped twins."""
+    below the double ruler, adds what its scenes allow: pairs drawn more often, CLIP's swapped and moved twins."""
 
     picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
     guide_phrases = []  # what guidance pulls towards (DALLE.generate); none: the caption, against the empty one
@@ -234,8 +236,8 @@ class Data:
     def weight(self, item, cfg):  # how many times the prior's draws hold this item
         return 1
 
-    def twin(self, item, rng):  # a hard negative for CLIP: an item whose captions do not describe this one, or None
-        return None
+    def twin(self, item, rng, moves):  # a hard negative for CLIP: an item whose captions (naming the place, with
+        return None                     # moves) do not describe this one, or None
 
     def broken(self, item, image, rng):  # a hard negative for CLIP: the item's uint8 image (3, H, W) changed so
         return None                      # that no caption describes it, or None
@@ -257,12 +259,15 @@ def clip_batch(data, recon_u8, cfg, rng):
                                                       min(cfg.clip_batch - half, len(data.items) - n_rec))
     items = [data.items[i] for i in idx]
     images = torch.cat([recon_u8[idx[:half]], data.images[idx[half:]]])  # (B, 3, H, W) uint8
+    # the share of one-object captions that name the place; with clip_moves, drawn here: those scenes get moved twins
+    say = [float(rng.random() < cfg.place_phrase) if cfg.clip_moves else cfg.place_phrase for _ in items]
     if cfg.clip_swaps:
         # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
-        # only in binding or relation meet in one batch (README: Deviations)
-        twins = [t for t in (data.twin(item, rng) for item in items) if t is not None]
-        if twins:
-            items += twins
+        # only in binding, relation or place meet in one batch (README: Deviations)
+        twins = [t for t in (data.twin(item, rng, cfg.clip_moves and p) for item, p in zip(items, say))
+                 if t is not None]
+        if twins:  # a moved scene's twin differs from it in the place alone: its caption names it too
+            items, say = items + twins, say + [1.0] * len(twins)
             images = torch.cat([images, data.render(twins)])  # (B', 3, H, W), B' = B + twins
     # DEVIATION: broken objects as hard negatives, not the paper's CLIP: it picked objects the prior drew from the
     # cells of two shapes or colours over whole ones (README: Deviations)
@@ -271,7 +276,7 @@ def clip_batch(data, recon_u8, cfg, rng):
                  if b is not None]
     if negatives:
         images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
-    return [data.caption(item, rng, cfg.place_phrase) for item in items], images
+    return [data.caption(item, rng, p) for item, p in zip(items, say)], images
 
 
 def check_finite(loss, stage, step):
@@ -952,6 +957,17 @@ def _noun(colour, shape, size=None):
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
+def moved(obj, rng):
+    """A hard negative for CLIP: the same object where none of its own position phrases holds, with 2 pixels to
+    spare either way, and never in a held-out place -> (objects, None), or None."""
+    own = set(true_positions(obj, margin=-2))
+    for _ in range(20 if true_positions(obj, margin=2) else 0):  # a caption names a place only with 2 to spare
+        o = replace(obj, cx=lattice(rng, obj.size), cy=lattice(rng, obj.size))
+        if true_positions(o, margin=2) and not own & set(true_positions(o, margin=-2)) and in_training([o]):
+            return [o], None
+    return None
+
+
 def caption(objects, relation, rng, where=None, say_place=0.5):
     """A random true paraphrase of a scene: the size word is said or left out, a position phrase that holds is said
     with probability say_place (the phrase `where` always, if given)."""
@@ -1138,8 +1154,10 @@ class ShapesData(Data):
         # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
         return cfg.pair_weight if item[1] else 1
 
-    def twin(self, item, rng):
-        return swapped(*item, rng) if item[1] is not None else None
+    def twin(self, item, rng, moves):
+        if item[1] is not None:
+            return swapped(*item, rng)
+        return moved(item[0][0], rng) if moves else None
 
     def broken(self, item, image, rng):
         image = broken(item[0], rng, image.permute(1, 2, 0).numpy())
@@ -1170,9 +1188,10 @@ def to_u8(images):
     return (images * 255).round().byte().cpu()  # images in [0, 1] -> uint8 on the CPU, same shape
 
 
-def eval_prompts(seed, n_each):
-    """Fixed prompts for the report: n_each per group of REPORT_GROUPS, in the whole caption grammar."""
-    rng = random.Random(seed + 1)
+def eval_prompts(n_each):
+    """Fixed prompts for the report: n_each per group of REPORT_GROUPS, in the whole caption grammar, the same for
+    every seed, so that two seeds' figures differ by what they learnt, not by the prompts drawn."""
+    rng = random.Random(1)
     prompts = {group: [] for group in REPORT_GROUPS}
     for group in REPORT_GROUPS:
         for _ in range(n_each):
@@ -1471,7 +1490,7 @@ def write_report(model, cfg, data, codes, device, state, out, t_start):
     write_samples(model, data, out("final.png"), cfg.guidance)
     model.eval()
     lines, recon_rows = report_dvae(model, cfg, device, codes)
-    by_group = eval_prompts(cfg.seed, cfg.eval_prompts)  # {group: prompts}, fixed by the seed
+    by_group = eval_prompts(cfg.eval_prompts)  # {group: prompts}, the same for every seed
     more, _, sample_rows = report_samples(model, cfg, by_group)
     lines += more
     if cfg.curve_prompts:
