@@ -986,7 +986,7 @@ def test_each_crop_holds_a_drawn_cell_and_its_own_codes():
     assert (crops.amax(dim=(1, 2, 3)) <= 0.1).any()  # anywhere: some crops miss the object
 
 
-def test_the_priors_one_object_captions_name_the_place_at_place_phrase(tmp_path):
+def test_the_prior_and_clip_one_object_captions_name_the_place_at_place_phrase(tmp_path):
     """The prior's and CLIP's one-object captions say where the object is at --place-phrase; caption() says it at
     say_place, half by default, as the report draws them (fails if train_prior or clip_batch leaves the share at its
     default, or if caption ignores say_place: all three tried)."""

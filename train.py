@@ -264,7 +264,7 @@ def clip_batch(data, recon_u8, cfg, rng):
     if cfg.clip_swaps:
         # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
         # only in binding, relation or place meet in one batch (README: Deviations)
-        twins = [t for t in (data.twin(item, rng, cfg.clip_moves and p) for item, p in zip(items, say))
+        twins = [t for t in (data.twin(item, rng, cfg.clip_moves and p == 1) for item, p in zip(items, say))
                  if t is not None]
         if twins:  # a moved scene's twin differs from it in the place alone: its caption names it too
             items, say = items + twins, say + [1.0] * len(twins)
@@ -960,8 +960,10 @@ def _noun(colour, shape, size=None):
 def moved(obj, rng):
     """A hard negative for CLIP: the same object where none of its own position phrases holds, with 2 pixels to
     spare either way, and never in a held-out place -> (objects, None), or None."""
+    if not true_positions(obj, margin=2):  # a caption names a place only with 2 pixels to spare: none to move from
+        return None
     own = set(true_positions(obj, margin=-2))
-    for _ in range(20 if true_positions(obj, margin=2) else 0):  # a caption names a place only with 2 to spare
+    for _ in range(20):
         o = replace(obj, cx=lattice(rng, obj.size), cy=lattice(rng, obj.size))
         if true_positions(o, margin=2) and not own & set(true_positions(o, margin=-2)) and in_training([o]):
             return [o], None
