@@ -94,8 +94,8 @@ class TrainConfig:
                                        "(not in the paper)")
     # stage 3, CLIP (Sec 2.6)
     clip_steps: int = setting(1000, "updates")
-    clip_batch: int = setting(64, "(caption, image) pairs per update: twice the updates of 128 in about the same "
-                                  "time teach more")
+    clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin and broken copy: "
+                                  "more updates of fewer pairs teach more in the same time")
     clip_lr: float = setting(4e-3, "peak lr")
     clip_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak")
     clip_weight_decay: float = setting(0.1, "CLIP's AdamW weight decay")
@@ -103,8 +103,8 @@ class TrainConfig:
     clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
                                             "each batch), as it will rank decoded samples")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
-    clip_moves: bool = setting(False, "each one-object scene whose caption names its place brings a twin: the same "
-                                      "object where that place does not hold (about a quarter more CLIP time)")
+    clip_moves: bool = setting(True, "each one-object scene whose caption names its place brings a twin: the same "
+                                     "object where that place does not hold, so that CLIP reads the place words")
     clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
                                       "cells of one object drawn as another shape or colour, which no caption "
                                       "describes (not in the paper; 0: none, each update about a third cheaper)")
