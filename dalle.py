@@ -88,9 +88,10 @@ class DALLEConfig:
                    text_seq_len=256, text_vocab_size=16384, n_layer=64, n_head=62, n_embd=3968)
 
     def __post_init__(self):
-        if self.image_size % 8 or self.n_hid % 4 or self.n_embd % self.n_head or self.clip_embd % self.clip_head:
+        if (self.image_size % 8 or self.n_hid % 4 or self.n_embd % self.n_head or self.clip_embd % 8
+                or self.clip_embd % self.clip_head):
             raise ValueError(f"inconsistent config: image_size must divide by 8, n_hid by 4, n_embd by n_head, "
-                             f"clip_embd by clip_head: {self}")
+                             f"clip_embd by 8 and by clip_head: {self}")
 
 # -----------------------------------------------------------------------------
 # 2. BPE tokenizer (Sec 2.2): byte-level, minbpe's algorithm; ids 0..255 are bytes, 256 + i is the i-th merge
@@ -654,11 +655,12 @@ class CLIP(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.register_buffer("causal", torch.ones(c.text_seq_len, c.text_seq_len).tril().bool(), persistent=False)
         # DEVIATION: a 4-layer strided conv net instead of CLIP's ResNet / ViT: it keeps positions (flattened 4x4
-        # map), which the toy captions ask about, and trains in seconds.
+        # map), which the toy captions ask about, and trains in seconds. Its first two layers, at 32 and 16 pixels,
+        # are narrow (C/8, C/4): they cost most of a step, and more updates teach more than width (README: Levers)
         self.visual = nn.Sequential(
-            nn.Conv2d(3, C // 4, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(C // 4, C // 2, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(C // 2, C, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, C // 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(C // 8, C // 4, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(C // 4, C, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(C, C, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * C, C))
         self.text_proj = nn.Linear(C, C, bias=False)
@@ -705,7 +707,8 @@ def rerank(scores, keep):
 # 6. The whole pipeline: tokenizer + dVAE + transformer + CLIP, and checkpoints
 
 
-FORMAT = "dalle.py/3"  # /1 kept the blank code in the dVAE's state_dict, /2 had an lm_head apart from the embeddings
+FORMAT = "dalle.py/4"  # /1 kept the blank code in the dVAE's state_dict, /2 had an lm_head apart from the
+# embeddings, /3 CLIP's first two convolutions twice as wide
 
 
 class CheckpointError(Exception):
@@ -826,7 +829,7 @@ class DALLE(nn.Module):
             ckpt = torch.load(path, map_location=device, weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {brief(e)}")
-        if isinstance(ckpt, dict) and ckpt.get("format") in ("dalle.py/1", "dalle.py/2"):
+        if isinstance(ckpt, dict) and ckpt.get("format") in ("dalle.py/1", "dalle.py/2", "dalle.py/3"):
             raise CheckpointError(f"{path} was written by an older dalle.py (format {ckpt['format']}): train it again")
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a dalle.py checkpoint")

@@ -653,10 +653,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save(ckpt, str(tmp_path / "other.pt"))
     with pytest.raises(CheckpointError, match="incompatible"):
         DALLE.load(str(tmp_path / "other.pt"))
-    ckpt["format"] = "dalle.py/1"
-    torch.save(ckpt, str(tmp_path / "old.pt"))
-    with pytest.raises(CheckpointError, match="older dalle.py"):
-        DALLE.load(str(tmp_path / "old.pt"))
+    for old in ("dalle.py/1", "dalle.py/3"):  # /3: CLIP's first convolutions wider, which no longer load
+        ckpt["format"] = old
+        torch.save(ckpt, str(tmp_path / "old.pt"))
+        with pytest.raises(CheckpointError, match="older dalle.py .* train it again"):
+            DALLE.load(str(tmp_path / "old.pt"))
     torch.save({"weights": torch.zeros(1)}, str(tmp_path / "foreign.pt"))
     with pytest.raises(CheckpointError, match="not a dalle.py checkpoint"):
         DALLE.load(str(tmp_path / "foreign.pt"))
@@ -925,7 +926,8 @@ def test_every_training_setting_is_a_flag():
 
 
 @pytest.mark.parametrize("argv", [["--dvae-crop", "12"], ["--dvae-recon", "l1"], ["--prior-lr", "-1"],
-                                  ["--resume", "--config", "n_layer=2"], ["--pool", "10"]])
+                                  ["--resume", "--config", "n_layer=2"], ["--pool", "10"],
+                                  ["--config", "clip_embd=20,clip_head=4"]])  # CLIP's first layer is clip_embd / 8 wide
 def test_bad_training_flags_exit_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)

@@ -93,7 +93,7 @@ class TrainConfig:
     null_caption: float = setting(0.0, "share of captions left empty, for guidance against the empty caption "
                                        "(not in the paper)")
     # stage 3, CLIP (Sec 2.6)
-    clip_steps: int = setting(1000, "updates")
+    clip_steps: int = setting(1200, "updates")
     clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin and broken copy: "
                                   "more updates of fewer pairs teach more in the same time")
     clip_lr: float = setting(4e-3, "peak lr")
