@@ -707,8 +707,9 @@ def rerank(scores, keep):
 # 6. The whole pipeline: tokenizer + dVAE + transformer + CLIP, and checkpoints
 
 
-FORMAT = "dalle.py/4"  # /1 kept the blank code in the dVAE's state_dict, /2 had an lm_head apart from the
-# embeddings, /3 CLIP's first two convolutions twice as wide
+# /1 kept the blank code in the dVAE's state_dict, /2 had an lm_head apart from the embeddings, /3 CLIP's first two
+# convolutions twice as wide: each loads as "train it again"
+FORMAT = "dalle.py/4"
 
 
 class CheckpointError(Exception):
