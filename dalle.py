@@ -658,11 +658,11 @@ class CLIP(nn.Module):
         # map), which the toy captions ask about, and trains in seconds. Its first two layers, at 32 and 16 pixels,
         # are narrow (C/8, C/4): they cost most of a step, and more updates teach more than width (README: Levers)
         self.visual = nn.Sequential(
-            nn.Conv2d(3, C // 8, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(C // 8, C // 4, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(C // 4, C, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(C, C, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * C, C))
+            nn.Conv2d(3, C // 8, 3, stride=2, padding=1), nn.ReLU(),  # (B, C/8, H/2, W/2)
+            nn.Conv2d(C // 8, C // 4, 3, stride=2, padding=1), nn.ReLU(),  # (B, C/4, H/4, W/4)
+            nn.Conv2d(C // 4, C, 3, stride=2, padding=1), nn.ReLU(),  # (B, C, H/8, W/8)
+            nn.Conv2d(C, C, 3, stride=2, padding=1), nn.ReLU(),  # (B, C, H/16, W/16)
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * C, C))  # (B, C, 4, 4) -> (B, 16 C) -> (B, C)
         self.text_proj = nn.Linear(C, C, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature [3]
 
