@@ -870,6 +870,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def to_float(images_u8, device):
+    return images_u8.to(device).float() / 255  # uint8 (B, 3, H, W) -> the models' pixels in [0, 1], on device
+
+
+def to_u8(images):
+    return (images * 255).round().byte().cpu()  # pixels in [0, 1] -> uint8 on the CPU, same shape, as stored
+
+
 def image_grid(images, gap=2):
     """images (R, N, 3, H, W) in [0, 1] -> one PIL image, R rows of N pictures."""
     from PIL import Image

@@ -1,14 +1,14 @@
 """
 Text in, pictures out: draw --n candidates per prompt with the transformer prior, decode them with the dVAE,
 and keep the --keep that CLIP scores highest (Sec 2.6). One row of samples.png per prompt, best first, each picture
-with its CLIP score and, for captions of the Shapes world, the verdict of train.py's checker.
+with its CLIP score and, for captions of the Shapes world, the verdict of its checker (shapes.py).
 
     python sample.py "a red circle to the left of a blue square"
     python sample.py "a red triangle" "a blue circle" --n 64 --keep 8
     python sample.py "a green square" --image scene.png     # keep the image's top rows, complete the rest (Sec 3.3)
     python sample.py "a red circle above a blue square" --animate --attention   # watch it draw; what each cell reads
 
-Sampling needs dalle.py and a checkpoint only; the checker's verdicts need train.py beside it.
+Sampling needs dalle.py and a checkpoint only; the checker's verdicts need shapes.py beside it.
 """
 import argparse
 import os
@@ -20,8 +20,10 @@ import torch
 from dalle import DALLE, ArgumentParser, CheckpointError, attention_picture, drawing_frames, labelled_rows, pick_device
 
 try:  # the Shapes world's checker, to say which pictures are right; sampling itself needs only dalle.py
-    from train import SIZE, judge_all, parse
-except ImportError:
+    from shapes import SIZE, judge_all, parse
+except ModuleNotFoundError as e:  # shapes.py is not beside sample.py; any other error in it is raised
+    if e.name != "shapes":
+        raise
     judge_all = parse = None
 
 
@@ -125,7 +127,7 @@ def main(argv=None):
           f"stage {ckpt.get('stage', '?')}, guidance {guidance:g})" + (f", {stem}.gif" if args.animate else "")
           + (f", {stem}_attention.png" if args.attention else ""))
     if parse is None:
-        print("  (train.py is not beside sample.py: no checker to say which pictures are right)")
+        print("  (shapes.py is not beside sample.py: no checker to say which pictures are right)")
     for text, row, v in zip(args.prompts, scores.tolist(), verdicts):
         check = "" if v is None else f"; the checker reads {v.sum()} of {len(v)} right"
         print(f"  {text!r}: CLIP scores " + " ".join(f"{s:.3f}" for s in row) + check)

@@ -1,4 +1,4 @@
-"""Tests for dalle.py, train.py and sample.py: pytest, CPU, offline, a minute or two on 2 cores."""
+"""Tests for dalle.py, shapes.py, train.py and sample.py: pytest, CPU, offline, a minute or two on 2 cores."""
 import math
 import os
 import random
@@ -711,74 +711,75 @@ def test_importing_dalle_has_no_side_effects(tmp_path):
     assert out.returncode == 0 and out.stdout == "" and out.stderr == "" and os.listdir(tmp_path) == []
 
 # -----------------------------------------------------------------------------
-# The Shapes world, train.py and sample.py
+# The Shapes world (shapes.py), train.py and sample.py
 
+import shapes  # noqa: E402
 import train  # noqa: E402  (an ImportError in train.py fails every test below, loudly, not as skips)
 
 
 def test_world_never_renders_a_held_out_kind():
     rng, seen_pairs, places = random.Random(0), set(), set()
-    for objects, _ in [train.random_scene(rng) for _ in range(20000)] + train.make_pool(500, 1).items:  # every stage's
+    for objects, _ in [shapes.random_scene(rng) for _ in range(20000)] + shapes.make_pool(500, 1).items:  # every stage's
         kinds = [(o.colour, o.shape) for o in objects]
-        assert not set(kinds) & train.HELD_OUT  # 1. colour-shape pairs
+        assert not set(kinds) & shapes.HELD_OUT  # 1. colour-shape pairs
         if len(kinds) == 2:  # 2. pairs never together, in either order
-            assert tuple(kinds) not in train.NEW_PAIRS and tuple(kinds[::-1]) not in train.NEW_PAIRS
+            assert tuple(kinds) not in shapes.NEW_PAIRS and tuple(kinds[::-1]) not in shapes.NEW_PAIRS
             seen_pairs.add(frozenset(kinds))
         for kind, o in zip(kinds, objects):  # 3. places never visited, by the object's centre, at any size
-            assert train.NEW_PLACES.get(kind) not in train.true_positions(o)
-            places.update((kind, p) for p in train.true_positions(o))
+            assert shapes.NEW_PLACES.get(kind) not in shapes.true_positions(o)
+            places.update((kind, p) for p in shapes.true_positions(o))
     # the kinds are held out, not their parts: each held-out pair's objects and each object's other places occur
-    assert all(kind in dict.fromkeys(k for p in seen_pairs for k in p) for pair in train.NEW_PAIRS for kind in pair)
-    assert all((kind, p) in places for kind, where in train.NEW_PLACES.items() for p in train.POSITIONS if p != where)
+    assert all(kind in dict.fromkeys(k for p in seen_pairs for k in p) for pair in shapes.NEW_PAIRS for kind in pair)
+    assert all((kind, p) in places for kind, where in shapes.NEW_PLACES.items() for p in shapes.POSITIONS if p != where)
 
 
 def test_report_groups_test_what_they_say():
     rng = random.Random(1)
     for _ in range(50):
-        for group in train.REPORT_GROUPS:
-            objects, relation, where = train.report_scene(rng, group)
+        for group in shapes.REPORT_GROUPS:
+            objects, relation, where = shapes.report_scene(rng, group)
             kinds = [(o.colour, o.shape) for o in objects]
-            assert train.in_training(objects) == group.startswith("seen"), group
+            assert shapes.in_training(objects) == group.startswith("seen"), group
             assert (relation is not None) == group.endswith("pairs"), group
             if group == "new places":
-                assert where == train.NEW_PLACES[kinds[0]] and where in train.true_positions(objects[0], margin=2)
-                assert where in train.parse(train.caption(objects, relation, rng, where))["position"]
+                assert where == shapes.NEW_PLACES[kinds[0]] and where in shapes.true_positions(objects[0], margin=2)
+                assert where in shapes.parse(shapes.caption(objects, relation, rng, where))["position"]
             if group == "new pairs":
-                assert tuple(kinds) in train.NEW_PAIRS or tuple(kinds[::-1]) in train.NEW_PAIRS
+                assert tuple(kinds) in shapes.NEW_PAIRS or tuple(kinds[::-1]) in shapes.NEW_PAIRS
             if group.startswith("held-out"):
-                assert len(set(kinds) & train.HELD_OUT) == 1
+                assert len(set(kinds) & shapes.HELD_OUT) == 1
 
 
 def test_world_renders_exact_colours_on_black():
-    objects = [train.Obj("orange", "square", 20, 32, 32)]
-    img = train.render(objects)
-    assert tuple(img[32, 32]) == train.COLOURS["orange"] and tuple(img[0, 0]) == (0, 0, 0)
-    assert set(map(tuple, img.reshape(-1, 3))) == {(0, 0, 0), train.COLOURS["orange"]}
+    objects = [shapes.Obj("orange", "square", 20, 32, 32)]
+    img = shapes.render(objects)
+    assert tuple(img[32, 32]) == shapes.COLOURS["orange"] and tuple(img[0, 0]) == (0, 0, 0)
+    assert set(map(tuple, img.reshape(-1, 3))) == {(0, 0, 0), shapes.COLOURS["orange"]}
 
 
 def test_two_object_scenes_hold_their_relation_without_overlap():
     rng = random.Random(1)
     for _ in range(300):
-        objects, relation = train.random_scene(rng)
+        objects, relation = shapes.random_scene(rng)
         if relation:
             a, b = objects
-            assert train.relation_holds(a, b, relation) and a.size <= 16 and b.size <= 16
-            assert len(train.read_objects(train.render(objects))) == 2
+            assert shapes.relation_holds(a, b, relation) and a.size <= 16 and b.size <= 16
+            assert len(shapes.read_objects(shapes.render(objects))) == 2
 
 
 def test_captions_parse_back_to_their_scenes():
     rng = random.Random(2)
     for _ in range(500):
-        objects, relation = train.random_scene(rng)
-        spec = train.parse(train.caption(objects, relation, rng))
+        objects, relation = shapes.random_scene(rng)
+        spec = shapes.parse(shapes.caption(objects, relation, rng))
         assert spec["relation"] == relation
         assert [(o["colour"], o["shape"]) for o in spec["objects"]] == [(o.colour, o.shape) for o in objects]
         if "size" in spec["objects"][0]:
-            assert spec["objects"][0]["size"] == train.size_word(objects[0].size)
+            assert spec["objects"][0]["size"] == shapes.size_word(objects[0].size)
         if "position" in spec:
-            assert spec["position"] in train.true_positions(objects[0])
-    assert train.parse("an elephant playing chess") is None
-    assert train.parse("an orange circle")["objects"] == [{"colour": "orange", "shape": "circle"}]
+            assert spec["position"] in shapes.true_positions(objects[0])
+    assert shapes.parse("an elephant playing chess") is None
+    assert shapes.parse("an orange circle")["objects"] == [{"colour": "orange", "shape": "circle"}]
 
 
 def test_clip_hard_negatives_are_true_negatives():
@@ -788,26 +789,26 @@ def test_clip_hard_negatives_are_true_negatives():
     its place out: all three tried)."""
     rng, kinds = random.Random(4), set()
     for _ in range(600):
-        objects, relation = train.random_scene(rng)
-        twin = train.swapped(objects, relation, rng) if relation else train.moved(objects[0], rng)
+        objects, relation = shapes.random_scene(rng)
+        twin = shapes.swapped(objects, relation, rng) if relation else shapes.moved(objects[0], rng)
         if twin is None:
             continue
-        assert train.in_training(twin[0])
+        assert shapes.in_training(twin[0])
         kinds.add("moved" if not relation else "places" if twin[1] != relation else
                   "colours" if twin[0][0].colour != objects[0].colour else "shapes")
         if not relation:
             assert replace(twin[0][0], cx=0, cy=0) == replace(objects[0], cx=0, cy=0)
         # the checker: neither scene's caption describes the other scene, each describes its own
         for (a, ra), (b, rb) in ((twin, (objects, relation)), ((objects, relation), twin)):
-            text = train.caption(a, ra, rng, say_place=1.0)
-            assert not train.judge(train.parse(text), train.render(b))["all"]
-            assert train.judge(train.parse(text), train.render(a))["all"]
+            text = shapes.caption(a, ra, rng, say_place=1.0)
+            assert not shapes.judge(shapes.parse(text), shapes.render(b))["all"]
+            assert shapes.judge(shapes.parse(text), shapes.render(a))["all"]
     assert kinds == {"places", "colours", "shapes", "moved"}
-    assert sum(train.moved(train.place_one(rng, ("red", "circle")), rng) is not None for _ in range(200)) > 100
-    pool, cfg = train.make_pool(500, 0), train.TrainConfig(place_phrase=0.5, clip_moves=True)
+    assert sum(shapes.moved(shapes.place_one(rng, ("red", "circle")), rng) is not None for _ in range(200)) > 100
+    pool, cfg = shapes.make_pool(500, 0), train.TrainConfig(place_phrase=0.5, clip_moves=True)
     captions, images = train.clip_batch(pool, torch.zeros(0, 3, 64, 64, dtype=torch.uint8), cfg, random.Random(0))
-    moved = [c for c in captions[cfg.clip_batch:] if not train.parse(c)["relation"]]  # the twins follow the batch
-    assert moved and all("position" in train.parse(c) for c in moved)
+    moved = [c for c in captions[cfg.clip_batch:] if not shapes.parse(c)["relation"]]  # the twins follow the batch
+    assert moved and all("position" in shapes.parse(c) for c in moved)
 
 
 def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
@@ -816,37 +817,37 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
     scene unchanged, the whole object swapped, a held-out kind allowed, and pixels changed outside whole cells:
     each fails here. clip_batch breaks the pool's own renders: the same copy as from a fresh render, and the pool
     untouched (tried against writing into the pool's image instead of a copy: fails here)."""
-    rng, c, seen = random.Random(5), train.LATTICE, 0
+    rng, c, seen = random.Random(5), shapes.LATTICE, 0
     for _ in range(150):
-        objects, relation = train.random_scene(rng)
-        image = train.broken(objects, rng)
+        objects, relation = shapes.random_scene(rng)
+        image = shapes.broken(objects, rng)
         if image is None:
             continue
         seen += 1
-        scene = train.render(objects)
+        scene = shapes.render(objects)
         assert (image != scene).any()
         cell = lambda a, y, x: a[y:y + c, x:x + c]  # noqa: E731
-        grid = [(y, x) for y in range(0, train.SIZE, c) for x in range(0, train.SIZE, c)]
+        grid = [(y, x) for y in range(0, shapes.SIZE, c) for x in range(0, shapes.SIZE, c)]
         explained = False
         for k, o in enumerate(objects):  # which other kind of which object it was taken from
-            kinds = [(a, b) for a in train.COLOURS for b in train.SHAPES if (a == o.colour) != (b == o.shape)]
+            kinds = [(a, b) for a in shapes.COLOURS for b in shapes.SHAPES if (a == o.colour) != (b == o.shape)]
             for colour, shape in kinds:
-                other = train.render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
+                other = shapes.render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
                 same = lambda a, y, x: (cell(image, y, x) == cell(a, y, x)).all()  # noqa: E731
                 if not all(same(scene, y, x) or same(other, y, x) for y, x in grid):
                     continue
                 taken = sum((cell(image, y, x) != cell(scene, y, x)).any() for y, x in grid)
                 differ = sum((cell(other, y, x) != cell(scene, y, x)).any() for y, x in grid)
                 if 1 <= taken <= differ // 2:
-                    assert (colour, shape) not in train.HELD_OUT
+                    assert (colour, shape) not in shapes.HELD_OUT
                     explained = True
         assert explained
     assert seen > 140
-    data, rec = train.make_pool(64, 0), torch.zeros(0, 3, 64, 64, dtype=torch.uint8)  # clip_batch puts them last
+    data, rec = shapes.make_pool(64, 0), torch.zeros(0, 3, 64, 64, dtype=torch.uint8)  # clip_batch puts them last
     pool = data.images.clone()
     for k, (objects, _) in enumerate(data.items):
-        fresh = train.broken(objects, random.Random(k))
-        given = train.broken(objects, random.Random(k), data.images[k].permute(1, 2, 0).numpy())
+        fresh = shapes.broken(objects, random.Random(k))
+        given = shapes.broken(objects, random.Random(k), data.images[k].permute(1, 2, 0).numpy())
         assert (fresh is None and given is None) or np.array_equal(fresh, given)
     for share, extra in ((0.0, 0), (0.5, 16)):
         cfg = train.TrainConfig(clip_batch=32, clip_broken=share, clip_swaps=False)
@@ -859,16 +860,16 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
 
 def test_checker_is_right_on_clean_renders():
     rng = random.Random(3)
-    scenes = [train.report_scene(rng, group) for group in train.REPORT_GROUPS for _ in range(60)]
+    scenes = [shapes.report_scene(rng, group) for group in shapes.REPORT_GROUPS for _ in range(60)]
     for objects, relation, where in scenes:
-        assert train.judge(train.parse(train.caption(objects, relation, rng, where)), train.render(objects))["all"]
+        assert shapes.judge(shapes.parse(shapes.caption(objects, relation, rng, where)), shapes.render(objects))["all"]
 
 
 def test_checker_components_are_4_connected():
     mask = np.zeros((64, 64), bool)
     mask[0, 0] = mask[1, 1] = True  # touching at a corner only: two components
     mask[10:15, 10] = mask[14, 10:15] = mask[10:15, 14] = True  # a U: one component, its arms joined at the bottom
-    comps = sorted(train._components(mask), key=lambda c: len(c[0]))
+    comps = sorted(shapes._components(mask), key=lambda c: len(c[0]))
     assert [len(ys) for ys, _ in comps] == [1, 1, 13]
     assert {(y, x) for y, x in zip(*comps[2])} == {(y, x) for y, x in zip(*np.nonzero(mask)) if y >= 10}
 
@@ -876,26 +877,26 @@ def test_checker_components_are_4_connected():
 def test_checker_reads_shapes_through_soft_edges():
     from PIL import Image, ImageFilter  # a decoder's edges are soft: a slight blur must not turn a diamond round
     for radius in (0.5, 1.0):
-        for colour, shape in train.PAIRS:
-            for size in train.SIZES.values():
-                obj = train.Obj(colour, shape, size, 24, 40)
-                img = np.asarray(Image.fromarray(train.render([obj])).filter(ImageFilter.GaussianBlur(radius)))
-                assert train.judge(train.parse(f"a {train.size_word(size)} {colour} {shape}"), img)["all"], obj
+        for colour, shape in shapes.PAIRS:
+            for size in shapes.SIZES.values():
+                obj = shapes.Obj(colour, shape, size, 24, 40)
+                img = np.asarray(Image.fromarray(shapes.render([obj])).filter(ImageFilter.GaussianBlur(radius)))
+                assert shapes.judge(shapes.parse(f"a {shapes.size_word(size)} {colour} {shape}"), img)["all"], obj
 
 
 def test_checker_rejects_what_the_caption_does_not_say():
-    img = train.render([train.Obj("red", "circle", 28, 16, 32)])  # a large red circle on the left
-    assert train.judge(train.parse("a large red circle on the left"), img)["all"]
+    img = shapes.render([shapes.Obj("red", "circle", 28, 16, 32)])  # a large red circle on the left
+    assert shapes.judge(shapes.parse("a large red circle on the left"), img)["all"]
     for wrong in ("a blue circle", "a red square", "a red triangle", "a red diamond", "a small red circle",
                   "a red circle on the right", "a red circle above a blue square"):
-        assert not train.judge(train.parse(wrong), img)["all"], wrong
-    scene = [train.Obj("green", "triangle", 14, 20, 32), train.Obj("yellow", "diamond", 14, 44, 32)]
-    img = train.render(scene)
-    assert train.judge(train.parse("a green triangle to the left of a yellow diamond"), img)["all"]
-    assert train.judge(train.parse("a yellow diamond to the right of a green triangle"), img)["all"]
-    assert not train.judge(train.parse("a green triangle to the right of a yellow diamond"), img)["all"]
-    assert not train.judge(train.parse("a green triangle above a yellow diamond"), img)["all"]
-    assert not train.judge(train.parse("a green triangle"), np.zeros((64, 64, 3), np.uint8))["all"]
+        assert not shapes.judge(shapes.parse(wrong), img)["all"], wrong
+    scene = [shapes.Obj("green", "triangle", 14, 20, 32), shapes.Obj("yellow", "diamond", 14, 44, 32)]
+    img = shapes.render(scene)
+    assert shapes.judge(shapes.parse("a green triangle to the left of a yellow diamond"), img)["all"]
+    assert shapes.judge(shapes.parse("a yellow diamond to the right of a green triangle"), img)["all"]
+    assert not shapes.judge(shapes.parse("a green triangle to the right of a yellow diamond"), img)["all"]
+    assert not shapes.judge(shapes.parse("a green triangle above a yellow diamond"), img)["all"]
+    assert not shapes.judge(shapes.parse("a green triangle"), np.zeros((64, 64, 3), np.uint8))["all"]
 
 
 TINY_STEPS = ["--dvae-steps", "6", "--decoder-steps", "2", "--prior-steps", "3", "--clip-steps", "2", "--pool", "64",
@@ -954,15 +955,15 @@ def test_best_of_n_is_the_mean_over_every_draw_of_n_candidates():
     for n in range(1, 8):
         draws = list(combinations(range(7), n))  # CLIP's pick of a draw is its best-ranked, the lowest index
         brute = np.mean([[row[min(d)] for d in draws] for row in right])
-        assert math.isclose(train.best_of(right, n), brute), n
-    assert math.isclose(train.best_of(right, 1), right.mean()) and train.best_of(right, 7) == right[:, 0].mean()
+        assert math.isclose(shapes.best_of(right, n), brute), n
+    assert math.isclose(shapes.best_of(right, 1), right.mean()) and shapes.best_of(right, 7) == right[:, 0].mean()
 
 
 def test_decoder_stage_trains_the_decoder_alone_on_the_pools_codes():
     """Stage 1b: the encoder (and so the prior's codes) stays as it was, the decoder learns (fails if the decoder
     stage's optimiser holds the encoder, or if it trains nothing)."""
     cfg, args = train.parse_args(TINY_RUN + ["--decoder-steps", "3"])
-    pool = train.make_pool(cfg.pool, cfg.seed)
+    pool = shapes.make_pool(cfg.pool, cfg.seed)
     model = train.build_model(cfg, pool, args.config)
     state = {"step": 0, "history": {"dvae": [], "decoder": []}}
     train.train_dvae(model, pool, cfg, torch.device("cpu"), state)
@@ -981,7 +982,7 @@ def test_tau_anneals_over_its_share_of_the_relaxed_updates(monkeypatch):
     """--tau-anneal 0.5: tau reaches 1/16 half-way through the relaxed updates and stays there (fails if train_dvae
     anneals over all the updates whatever the flag, or over the share of the decoder's: both tried)."""
     cfg, args = train.parse_args(TINY_RUN + ["--dvae-steps", "8", "--tau-anneal", "0.5"])
-    pool = train.make_pool(cfg.pool, cfg.seed)
+    pool = shapes.make_pool(cfg.pool, cfg.seed)
     model = train.build_model(cfg, pool, args.config)
     taus = []
     monkeypatch.setattr(train, "gumbel_temperature", lambda step, steps: taus.append(gumbel_temperature(step, steps))
@@ -996,8 +997,8 @@ def test_each_crop_holds_a_drawn_cell_and_its_own_codes():
     and carries the codes of the same cells; off objects, one crop for the batch (fails if the crop is shared by
     the batch, drawn anywhere, cut off the cell grid, or the codes come from another window: all tried)."""
     rng, cell, crop = random.Random(0), 8, 32
-    pool = train.make_pool(64, 0)
-    images = train.to_float(pool.images, "cpu")  # (64, 3, 64, 64)
+    pool = shapes.make_pool(64, 0)
+    images = shapes.to_float(pool.images, "cpu")  # (64, 3, 64, 64)
     g = images.shape[2] // cell
     codes = torch.arange(64 * g * g).view(64, g, g)  # each cell its own code, so a window says where it was cut
     for _ in range(10):
@@ -1019,7 +1020,7 @@ def test_the_prior_and_clip_one_object_captions_name_the_place_at_place_phrase(t
     say_place, half by default, as the report draws them (fails if train_prior or clip_batch leaves the share at its
     default, or if caption ignores say_place: all three tried)."""
     cfg, args = train.parse_args(TINY_RUN + ["--prior-steps", "4", "--place-phrase", "1"])
-    pool = train.make_pool(cfg.pool, cfg.seed)
+    pool = shapes.make_pool(cfg.pool, cfg.seed)
     model = train.build_model(cfg, pool, args.config)
     drawn, caption = [], pool.caption
     pool.caption = lambda item, rng, *share: drawn.append((item, caption(item, rng, *share))) or drawn[-1][1]
@@ -1027,15 +1028,15 @@ def test_the_prior_and_clip_one_object_captions_name_the_place_at_place_phrase(t
     codes = torch.randint(model.config.image_vocab_size, (len(pool.items), g, g))  # (n, h, w): any codes will do
     train.train_prior(model, pool, codes, cfg, torch.device("cpu"), {"history": {"prior": []}}, str(tmp_path))
     ones = [text for (objects, relation), text in drawn if relation is None]
-    assert ones and all("position" in train.parse(text) for text in ones)
+    assert ones and all("position" in shapes.parse(text) for text in ones)
     recon = torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
     captions, _ = train.clip_batch(pool, recon, replace(cfg, clip_broken=0.0), random.Random(0))
-    ones = [c for c in captions if not train.parse(c)["relation"]]
-    assert ones and all("position" in train.parse(text) for text in ones)
+    ones = [c for c in captions if not shapes.parse(c)["relation"]]
+    assert ones and all("position" in shapes.parse(text) for text in ones)
     rng = random.Random(0)
-    singles = [scene for scene in (train.random_scene(rng) for _ in range(3000)) if scene[1] is None]
+    singles = [scene for scene in (shapes.random_scene(rng) for _ in range(3000)) if scene[1] is None]
     for share, kwargs in ((0.0, {"say_place": 0.0}), (0.5, {}), (0.9, {"say_place": 0.9})):
-        said = np.mean(["position" in train.parse(train.caption(o, r, rng, **kwargs)) for o, r in singles])
+        said = np.mean(["position" in shapes.parse(shapes.caption(o, r, rng, **kwargs)) for o, r in singles])
         assert abs(said - share) < 0.05, (share, said)
 
 
@@ -1094,12 +1095,12 @@ def test_sample_animates_the_drawing_one_frame_per_token_and_draws_attention(tra
 
 
 def test_sample_stands_on_dalle_py_alone(trained, tmp_path):
-    """sample.py, image prompt included, runs with only dalle.py beside it (no train.py): it says it has no checker."""
+    """sample.py, image prompt included, runs with only dalle.py beside it (no shapes.py): it says it has no checker."""
     import shutil
     for name in ("dalle.py", "sample.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
     from PIL import Image
-    Image.fromarray(train.render([train.Obj("red", "circle", 14, 24, 16)])).save(tmp_path / "top.png")
+    Image.fromarray(shapes.render([shapes.Obj("red", "circle", 14, 24, 16)])).save(tmp_path / "top.png")
     r = subprocess.run([sys.executable, str(tmp_path / "sample.py"), "a red circle above a blue square",
                         "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s.png"), "--n", "2",
                         "--keep", "1", "--image", str(tmp_path / "top.png")], cwd=tmp_path, capture_output=True,
@@ -1176,9 +1177,9 @@ def _folder(path, n=40, seed=0):
     path.mkdir()
     rng = random.Random(seed)
     for i in range(n):
-        objects, relation = train.random_scene(rng)
-        Image.fromarray(train.render(objects)).save(path / f"s{i:03d}.png")
-        (path / f"s{i:03d}.txt").write_text("\n".join(train.caption(objects, relation, rng) for _ in range(2)) + "\n")
+        objects, relation = shapes.random_scene(rng)
+        Image.fromarray(shapes.render(objects)).save(path / f"s{i:03d}.png")
+        (path / f"s{i:03d}.txt").write_text("\n".join(shapes.caption(objects, relation, rng) for _ in range(2)) + "\n")
     return path
 
 
