@@ -589,36 +589,22 @@ class Transformer(nn.Module):
         return F.linear(x, self.wte_img.weight)
 
     @torch.no_grad()
-    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True, guidance=1.0,
-                 uncond=None):
+    def generate(self, text, prompt=None, temperature=1.0, top_k=None, generator=None, use_cache=True):
         """text (B, T_txt), prompt (B, m) codes of the first m cells or None -> codes (B, T_img).
-
-        guidance s != 1: classifier-free guidance, logits = uncond + s * (cond - uncond), where uncond reads the
-        text `uncond` (B, T_txt), by default the empty caption (every slot its pad); a row whose uncond is its own
-        text is sampled as it is. s = 1 is the paper's sampling, and runs no second batch.
         use_cache=False recomputes the whole prefix at every step: the slow path the cache must equal."""
         self.check_inputs(text, prompt)
-        B, T_img, T_txt = text.shape[0], self.config.image_seq_len, self.config.text_seq_len
+        B, T_img = text.shape[0], self.config.image_seq_len
         codes = text.new_zeros(B, 0) if prompt is None else prompt  # (B, m)
-        # DEVIATION: classifier-free guidance is not in the paper (which samples at s = 1): s > 1 sharpens the pull
-        # towards what the caption says beyond `uncond` (README: Deviations)
-        if uncond is None:
-            uncond = (self.config.text_vocab_size + torch.arange(T_txt, device=text.device)).expand(B, T_txt)
-        guided = (uncond != text).any(1).nonzero().flatten() if guidance != 1 else text.new_zeros(0)  # (G,) rows
-        text = torch.cat([text, uncond[guided]])  # (B + G, T_txt): the guided rows again, captioned with uncond
         caches = None
         if use_cache:
             C, nh, T = self.config.n_embd, self.config.n_head, self.config.block_size
-            caches = [torch.empty(2, len(text), nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
-                      for _ in self.h]  # keys and values: (2, B + G, nh, T, hs) per layer
-        x = torch.cat([self.embed_text(text), self.embed_image(torch.cat([codes, codes[guided]]))], 1)  # (B + G, L, C)
+            caches = [torch.empty(2, B, nh, T, C // nh, device=text.device, dtype=self.sos.dtype)
+                      for _ in self.h]  # keys and values: (2, B, nh, T, hs) per layer
+        x = torch.cat([self.embed_text(text), self.embed_image(codes)], 1)  # (B, L, C)
         pos = 0
         while codes.shape[1] < T_img:
-            feats = self.run(x, pos, caches)  # (B + G, L, C)
-            logits = self.image_logits(feats[:, -1])  # (B + G, K)
-            logits, unconditioned = logits[:B], logits[B:]  # (B, K), (G, K)
-            logits[guided] = unconditioned + guidance * (logits[guided] - unconditioned)
-            logits = logits / temperature
+            feats = self.run(x, pos, caches)  # (B, L, C)
+            logits = self.image_logits(feats[:, -1]) / temperature  # (B, K)
             if top_k is not None:  # top_k counts codes, e.g. 64 of K (not a fraction)
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -628,12 +614,11 @@ class Transformer(nn.Module):
             u = torch.rand(B, 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
             nxt = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
             codes = torch.cat([codes, nxt], dim=1)  # (B, m + 1)
-            both = torch.cat([codes, codes[guided]])  # (B + G, m + 1): every row's codes so far
             if use_cache:
                 pos += x.shape[1]
-                x = self.embed_image(both[:, -1:], codes.shape[1] - 1)  # (B + G, 1, C): the new token
+                x = self.embed_image(codes[:, -1:], codes.shape[1] - 1)  # (B, 1, C): the new token
             else:
-                x = torch.cat([self.embed_text(text), self.embed_image(both)], dim=1)  # (B + G, L + 1, C)
+                x = torch.cat([self.embed_text(text), self.embed_image(codes)], dim=1)  # (B, L + 1, C)
         return codes  # (B, T_img)
 
 # -----------------------------------------------------------------------------
@@ -721,14 +706,6 @@ def brief(e):  # an exception as one short line, for one-line error messages
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
-def without(caption, phrases):
-    """The lower-cased caption with each of phrases taken out, as whole words: guidance's unconditional caption."""
-    caption = caption.lower()
-    for phrase in phrases:
-        caption = regex.sub(rf"\b{regex.escape(phrase.lower())}\b", " ", caption)
-    return " ".join(caption.split())
-
-
 class DALLE(nn.Module):
     def __init__(self, config, tokenizer=None):
         super().__init__()
@@ -741,9 +718,8 @@ class DALLE(nn.Module):
         self.transformer = Transformer(config)
         self.clip = CLIP(config)
         # a trainer's recipe, as plain data that travels in the checkpoint (README: Deviations): the one code of
-        # every all-black cell (-1: none, the paper's argmax), and the phrases guidance pulls towards
+        # every all-black cell (-1: none, the paper's argmax)
         self.blank_code = -1
-        self.guide_phrases = []
 
     def tokenize(self, captions, dropout=0.0, rng=None):
         """captions (list of str) -> text (B, T_txt): lower-cased BPE ids, then the pad of each empty slot."""
@@ -780,12 +756,8 @@ class DALLE(nn.Module):
         return codes[:, :rows].reshape(codes.shape[0], rows * w)  # (B, rows * w)
 
     @torch.no_grad()
-    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None, guidance=1.0):
+    def generate(self, prompts, n=32, keep=4, temperature=1.0, top_k=None, seed=0, image_prompt=None):
         """Draw n candidates per prompt in one batch, keep the best `keep` by CLIP (Sec 2.6).
-
-        guidance s: classifier-free guidance (Transformer.generate; 1 is the paper's sampling). It pulls towards
-        what self.guide_phrases add to a prompt (its unconditional is the prompt without them; a prompt with none of
-        them is sampled as it is), or, with no guide phrases, towards the prompt (against the empty caption).
         image_prompt: (P or 1, m) codes of the first m cells, which every candidate keeps (Sec 3.3): prompt_codes'.
         Returns images (P, keep, 3, H, W) in [0, 1], their CLIP scores (P, keep) and codes (P, keep, h, w), best
         first."""
@@ -798,12 +770,8 @@ class DALLE(nn.Module):
         prompt = None
         if image_prompt is not None:
             prompt = image_prompt.to(device).expand(P, -1).repeat_interleave(n, dim=0)  # (P*N, m)
-        uncond = None
-        if self.guide_phrases:  # each prompt without its guide phrases
-            uncond = self.tokenize([without(p, self.guide_phrases) for p in prompts]).repeat_interleave(n, dim=0)
         generator = torch.Generator(device=device).manual_seed(seed)
-        codes = self.transformer.generate(text, prompt, temperature, top_k, generator,
-                                          guidance=guidance, uncond=uncond)  # (P*N, T_img)
+        codes = self.transformer.generate(text, prompt, temperature, top_k, generator)  # (P*N, T_img)
         images = self.vae.decode(codes.view(-1, h, h))  # (P*N, 3, H, W)
         scores = self.clip.score(text, images).view(P, n)  # (P, N)
         best = rerank(scores, keep)  # (P, keep)
@@ -815,8 +783,7 @@ class DALLE(nn.Module):
         """One dict of plain data, written atomically: a crash mid-write never clobbers the last checkpoint."""
         ckpt = {"format": FORMAT, "config": asdict(self.config), "tokenizer": self.tokenizer.to_dict(),
                 "vae": self.vae.state_dict(), "transformer": self.transformer.state_dict(),
-                "clip": self.clip.state_dict(), "blank_code": self.blank_code,
-                "guide_phrases": list(self.guide_phrases), "step": step, **extra}
+                "clip": self.clip.state_dict(), "blank_code": self.blank_code, "step": step, **extra}
         tmp = f"{path}.tmp"
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
@@ -840,7 +807,7 @@ class DALLE(nn.Module):
             model = cls(config, BPETokenizer.from_dict(ckpt["tokenizer"]))
             for name in ("vae", "transformer", "clip"):
                 getattr(model, name).load_state_dict(ckpt[name])
-            model.blank_code, model.guide_phrases = int(ckpt["blank_code"]), list(ckpt["guide_phrases"])
+            model.blank_code = int(ckpt["blank_code"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path} is incompatible with this dalle.py: {brief(e)}")
         return model.to(device).eval(), ckpt

@@ -41,9 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, ranked by CLIP (default 4)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1, the paper's)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes (paper: off)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale s: uncond + s * (cond - uncond); 1 is the paper's sampling "
-                        "(default: the checkpoint's, which its report used)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same pictures")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--image", default=None, help="an image prompt: its top rows are kept (Sec 3.3)")
@@ -58,8 +55,6 @@ def parse_args(argv=None):
         p.error(f"need --n >= 1 and 1 <= --keep <= --n, got --n {args.n} --keep {args.keep}")
     if not args.temperature > 0:
         p.error(f"--temperature must be positive, got {args.temperature}")
-    if args.guidance is not None and not args.guidance >= 0:
-        p.error(f"--guidance must be 0 or more, got {args.guidance}")
     if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be at least 1, got {args.top_k}")
     return args
@@ -95,16 +90,12 @@ def main(argv=None):
         if n_tokens > c.text_seq_len:
             print(f"warning: {prompt[:40]!r}... is {n_tokens} tokens; only the first {c.text_seq_len} are used",
                   file=sys.stderr)
-    guidance = (ckpt.get("train") or {}).get("guidance", 1.0) if args.guidance is None else args.guidance
-    if guidance != 1 and not model.guide_phrases and not (ckpt.get("train") or {}).get("null_caption"):
-        print("warning: this prior never saw an empty caption (train with --null-caption 0.1), so --guidance has no "
-              "unconditional model to push away from", file=sys.stderr)
     prompt = None
     if args.image:  # the codes as the checkpoint's prior learnt them: its recipe's blank code included
         image = load_image_prompt(args.image, c.image_size).to(device)  # (1, 3, S, S)
         prompt = model.prompt_codes(model.image_codes(image))  # (1, rows * w)
     images, scores, codes = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
-                                    top_k=args.top_k, seed=args.seed, image_prompt=prompt, guidance=guidance)
+                                    top_k=args.top_k, seed=args.seed, image_prompt=prompt)
     verdicts = [None] * len(args.prompts)  # the checker's, for captions of the Shapes world it can read
     if parse is not None:
         verdicts = [judge_all([t], pics[None])["all"][0] if parse(t) and pics.shape[-1] == SIZE else None
@@ -124,7 +115,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         die(f"cannot write {args.out}: {e}")
     print(f"wrote {args.out}: best {args.keep} of {args.n} per prompt by CLIP ({args.checkpoint}, "
-          f"stage {ckpt.get('stage', '?')}, guidance {guidance:g})" + (f", {stem}.gif" if args.animate else "")
+          f"stage {ckpt.get('stage', '?')})" + (f", {stem}.gif" if args.animate else "")
           + (f", {stem}_attention.png" if args.attention else ""))
     if parse is None:
         print("  (shapes.py is not beside sample.py: no checker to say which pictures are right)")

@@ -406,7 +406,6 @@ class ShapesData:
     """The Shapes world's training pool, what train.py's stages draw from: uint8 images (n, 3, 64, 64), rendered
     once, and an item per image, its scene (objects, relation). train.Data serves a folder of pictures the same way."""
     picture_prompts = PICTURE_PROMPTS
-    guide_phrases = POSITIONS
 
     def __init__(self, items, images):
         self.items, self.images = items, images
@@ -521,7 +520,7 @@ def report_samples(model, cfg, by_group):
     lines.append(f"samples ({N} a prompt): right = every object and attribute the caption names, nothing else; "
                  f"random = mean of the {N}, best = CLIP's pick, any = a right one among the {N}")
     for group, prompts in by_group.items():
-        images, scores, _ = model.generate(prompts, n=N, keep=N, seed=cfg.seed, guidance=cfg.guidance)  # best 1st
+        images, scores, _ = model.generate(prompts, n=N, keep=N, seed=cfg.seed)  # best first
         r = judge_all(prompts, images)  # (P, N) each
         results[group] = {k: (v.mean(), v[:, 0].mean(), v.any(1).mean()) for k, v in r.items()}
         a = results[group]["all"]
@@ -554,8 +553,7 @@ def rerank_curve(model, cfg, by_group, ns=(1, 2, 4, 8, 16, 32)):
     for group, prompts in by_group.items():
         if group.startswith("held-out"):
             continue
-        images, _, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1,
-                                   guidance=cfg.guidance)
+        images, _, _ = model.generate(prompts[:cfg.curve_prompts], n=max(ns), keep=max(ns), seed=cfg.seed + 1)
         right = judge_all(prompts[:cfg.curve_prompts], images)["all"]  # (P, max(ns)), best first
         curve[group] = [100 * best_of(right, n) for n in ns]
     lines = [f"reranking (Fig. 9c): % of CLIP's picks right, best of N candidates ({len(images)} prompts a group, "

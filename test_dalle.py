@@ -486,38 +486,6 @@ def test_generation_draws_each_code_as_often_as_its_probability():
     assert set(top2.unique().tolist()) == {3, 7}
 
 
-def test_guidance_1_is_the_unguided_path_token_for_token():
-    torch.manual_seed(0)
-    prior = Transformer(TINY).eval()
-    text, codes = _random_batch(TINY, B=3)
-    for prompt in (None, codes[:, :5]):
-        plain = prior.generate(text, prompt, generator=torch.Generator().manual_seed(2))
-        assert torch.equal(plain, prior.generate(text, prompt, generator=torch.Generator().manual_seed(2), guidance=1))
-
-
-def test_guided_kv_cache_generation_equals_uncached_generation():
-    torch.manual_seed(0)
-    prior = Transformer(TINY).eval()
-    text, codes = _random_batch(TINY, B=3)
-    for prompt in (None, codes[:, :5]):
-        fast = prior.generate(text, prompt, generator=torch.Generator().manual_seed(1), guidance=2.5)
-        slow = prior.generate(text, prompt, generator=torch.Generator().manual_seed(1), guidance=2.5,
-                              use_cache=False)
-        assert torch.equal(fast, slow)
-
-
-def test_guided_greedy_codes_are_the_argmax_of_uncond_plus_s_times_cond_minus_uncond():
-    torch.manual_seed(0)
-    prior, s = Transformer(TINY).eval(), 2.5
-    text, _ = _random_batch(TINY, B=3)
-    codes = prior.generate(text, top_k=1, guidance=s)  # (B, T_img), greedy
-    empty = TINY.text_vocab_size + torch.arange(TINY.text_seq_len).expand_as(text)  # every slot its pad
-    with torch.no_grad():  # the full forward over the finished sequence: the oracle for every step
-        cond, uncond = (prior(t, codes)[0][1] for t in (text, empty))  # (B, T_img, K) each
-    assert torch.equal(codes, (uncond + s * (cond - uncond)).argmax(-1))
-    assert not torch.equal(codes, cond.argmax(-1))  # guidance changed the choice somewhere
-
-
 def test_tiny_prior_overfits_one_batch():
     torch.manual_seed(0)
     prior = Transformer(TINY)
@@ -1070,7 +1038,7 @@ def test_tiny_end_to_end_run_writes_a_checkpoint_that_sample_turns_into_a_png(tr
                     str(trained / "dalle.pt"), "--out", str(tmp_path / "s2.png"), "--n", "4", "--keep", "2")
     assert out.read_bytes() == (tmp_path / "s2.png").read_bytes()  # same seed, same images
     r3 = run_sample("🦄 " * 40, "--checkpoint", str(trained / "dalle.pt"), "--out", str(tmp_path / "s3.png"),
-                    "--n", "2", "--keep", "1", "--image", str(out), "--guidance", "2")
+                    "--n", "2", "--keep", "1", "--image", str(out))
     assert r3.returncode == 0 and "warning" in r3.stderr and (tmp_path / "s3.png").exists()
 
 
@@ -1159,7 +1127,6 @@ def test_sample_bad_inputs_exit_with_one_line(trained, tmp_path):
     _one_line_error(run_sample("", "--checkpoint", ckpt))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--n", "0"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--temperature", "-1"))
-    _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--guidance", "-1"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--nonsense"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--device", "warp-drive"))
     _one_line_error(run_sample("a red circle", "--checkpoint", ckpt, "--out", str(tmp_path / "no" / "dir.png")))
@@ -1199,7 +1166,6 @@ def test_training_on_a_folder_of_pictures(tmp_path):
     model, ckpt = DALLE.load(str(tmp_path / "out" / "dalle.pt"))
     assert ckpt["stage"] == "done" and (tmp_path / "out" / "holdout.png").exists() and model.config.image_size == 32
     assert "held-out" in (tmp_path / "out" / "report.txt").read_text()
-    assert model.guide_phrases == [] and ckpt["train"]["guidance"] == 1.0  # position guidance is the Shapes world's
     r = run_sample("a red circle", "--checkpoint", str(tmp_path / "out" / "dalle.pt"), "--out", str(tmp_path / "s.png"),
                    "--n", "2", "--keep", "1")
     assert r.returncode == 0, r.stderr

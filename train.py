@@ -91,8 +91,6 @@ class TrainConfig:
     place_phrase: float = setting(0.9, "share of the prior's and CLIP's one-object captions that say where the object "
                                        "is (the report's: half): named, a place is learnt from its words, not from "
                                        "which object it is")
-    null_caption: float = setting(0.0, "share of captions left empty, for guidance against the empty caption "
-                                       "(not in the paper)")
     # stage 3, CLIP (Sec 2.6)
     clip_steps: int = setting(1200, "updates")
     clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin and broken copy: "
@@ -109,9 +107,6 @@ class TrainConfig:
     clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
                                       "cells of one object drawn as another shape or colour, which no caption "
                                       "describes (not in the paper; 0: none, each update about a third cheaper)")
-    # sampling, in the report and in sample.py (Sec 2.6: temperature 1, no guidance)
-    guidance: float = setting(2.0, "classifier-free guidance towards the caption's position phrase: the caption "
-                                   "without it is the unconditional (1: the paper's sampling)")
     # the report
     eval_prompts: int = setting(96, "report prompts per group: one prompt moves a figure by about a point")
     candidates: int = setting(8, "candidates per report prompt, reranked by CLIP (paper: 512)")
@@ -226,7 +221,6 @@ class Data:
     below the double ruler, adds what its scenes allow: pairs drawn more often, CLIP's swapped and moved twins."""
 
     picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
-    guide_phrases = []  # what guidance pulls towards (DALLE.generate); none: the caption, against the empty one
 
     def __init__(self, items, images):
         self.items, self.images = items, images
@@ -382,10 +376,8 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
         set_lr(opt, lr)
         rng = step_rng(cfg.seed, "prior", step)
         idx = rng.sample(draws, cfg.prior_batch)
-        # DEVIATION: for guidance against the empty caption (not in the paper), a share of captions left empty
         # DEVIATION: most one-object captions name the place (paper: captions as they come; README: Deviations)
-        captions = ["" if rng.random() < cfg.null_caption else data.caption(data.items[i], rng, cfg.place_phrase)
-                    for i in idx]
+        captions = [data.caption(data.items[i], rng, cfg.place_phrase) for i in idx]
         text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
         _, losses = forward(text, codes[idx].to(device))
         check_finite(losses["loss"], "prior", step)
@@ -400,7 +392,7 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
                 f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
                 (steps - step - 1) * tokens / rate)
         if cfg.sample_every and step and step % cfg.sample_every == 0 and RANK == 0 and data.picture_prompts:
-            write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"), cfg.guidance)
+            write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"))
         state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="clip", step=0, opt=None)
 
@@ -475,8 +467,8 @@ def parse_args(argv=None):
                  "clip_batch"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if cfg.null_caption >= 1 or cfg.pair_weight < 1:
-        p.error("need --null-caption below 1 and --pair-weight at least 1")
+    if cfg.pair_weight < 1:
+        p.error("need --pair-weight at least 1")
     if cfg.pool < 4 * max(cfg.dvae_batch, cfg.decoder_batch, cfg.prior_batch, cfg.clip_batch):
         p.error("--pool must hold at least 4 batches of scenes")
     try:  # DALLEConfig fields, each an integer: a typo is one line, not a traceback
@@ -491,8 +483,6 @@ def parse_args(argv=None):
                 f"image (0: no crop), got {cfg.dvae_crop}")
     if args.holdout < 0:
         p.error(f"--holdout must not be negative, got {args.holdout}")
-    if args.data and not cfg.null_caption:  # guidance towards position phrases is the Shapes world's (README)
-        cfg = replace(cfg, guidance=1.0)
     if args.config and args.resume:
         p.error("--config sizes a new model: --resume keeps its checkpoint's")
     if args.dvae_from and set(args.config) & set(DVAE_FIELDS):
@@ -507,7 +497,6 @@ def build_model(cfg, data, overrides=None):
     tokenizer = BPETokenizer()
     tokenizer.train(data.corpus(random.Random(cfg.seed)), config.text_vocab_size)
     model = DALLE(config, tokenizer)
-    model.guide_phrases = list(data.guide_phrases)  # what guidance pulls towards (README: Deviations, guidance)
     # DEVIATION: two init scales on top of openai's init (the paper gives none for training): the encoder's logits
     # must beat the gumbel noise, and the codebook's outputs must tell one-hot codes apart, from the start
     with torch.no_grad():
@@ -542,7 +531,7 @@ def start(cfg, args, data, device):
             model = DALLE(replace(old.config, **args.config), old.tokenizer).to(device)
         except ValueError as e:
             sys.exit(f"error: --config does not fit the tokenizer of {args.dvae_from}: {brief(e)}")
-        model.vae, model.blank_code, model.guide_phrases = old.vae, old.blank_code, list(data.guide_phrases)
+        model.vae, model.blank_code = old.vae, old.blank_code
         history.update({k: (ckpt.get("history") or history)[k] for k in ("dvae", "decoder")})
         print(f"the dVAE and tokenizer of {args.dvae_from}; the prior and CLIP start afresh")
         return model, {"stage": "prior", "step": 0, "blank_code": old.blank_code, "history": history}
@@ -629,7 +618,7 @@ def main(argv=None):
     print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
     t_report = time.time()
     if held_out is None:  # the Shapes world's report: what the samples show, read back by its checker
-        write_samples(model, data, out("final.png"), cfg.guidance)
+        write_samples(model, data, out("final.png"))
         lines = shapes.report(model, cfg, data, codes, device, out)
     else:
         lines = folder_report(model, cfg, data, held_out, codes, device, out)
@@ -755,8 +744,7 @@ def folder_report(model, cfg, data, held_out, codes, device, out):
                  f"{math.log(c.image_vocab_size):.2f})")
     rows = []
     for i, item in enumerate(test.items[:8]):
-        samples, scores, _ = model.generate([item[0]], n=cfg.candidates, keep=min(4, cfg.candidates), seed=cfg.seed,
-                                            guidance=cfg.guidance)
+        samples, scores, _ = model.generate([item[0]], n=cfg.candidates, keep=min(4, cfg.candidates), seed=cfg.seed)
         pictures = torch.cat([images[i:i + 1], recon[i:i + 1], samples[0]])  # (2 + keep, 3, H, W)
         rows.append((f'"{item[0]}"', pictures, ["real", "dVAE"] + [f"{s:.3f}" for s in scores[0].tolist()]))
     labelled_rows(rows).save(out("holdout.png"))
@@ -780,12 +768,12 @@ def encode_pool(model, images_u8, device, batch=16):  # on 2 CPU threads, 16 at 
 
 
 @torch.no_grad()
-def write_samples(model, data, path, guidance, n=8, keep=4):
+def write_samples(model, data, path, n=8, keep=4):
     """The best `keep` of n candidates for each of the data's picture prompts, a row each under its prompt, with
     CLIP's score and, where the data has a checker, its verdict under each picture."""
     model.eval()
     prompts = data.picture_prompts
-    images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0, guidance=guidance)  # (P, keep, 3, H, W)
+    images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0)  # (P, keep, 3, H, W)
     right = data.judge(prompts, images)  # (P, keep) or None
     verdict = lambda p, k: "" if right is None else " right" if right[p, k] else " wrong"  # noqa: E731
     labelled_rows([(f'"{prompt}"', pictures, [f"{s:.3f}{verdict(p, k)}" for k, s in enumerate(row)])
