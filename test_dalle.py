@@ -774,7 +774,7 @@ def test_clip_hard_negatives_are_true_negatives():
     assert kinds == {"places", "colours", "shapes", "moved"}
     assert sum(shapes.moved(shapes.place_one(rng, ("red", "circle")), rng) is not None for _ in range(200)) > 100
     pool, cfg = shapes.make_pool(500, 0), train.TrainConfig(place_phrase=0.5, clip_moves=True)
-    captions, images = train.clip_batch(pool, torch.zeros(0, 3, 64, 64, dtype=torch.uint8), cfg, random.Random(0))
+    captions, images = train.clip_batch(pool, cfg, random.Random(0))
     moved = [c for c in captions[cfg.clip_batch:] if not shapes.parse(c)["relation"]]  # the twins follow the batch
     assert moved and all("position" in shapes.parse(c) for c in moved)
 
@@ -811,7 +811,7 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
                     explained = True
         assert explained
     assert seen > 140
-    data, rec = shapes.make_pool(64, 0), torch.zeros(0, 3, 64, 64, dtype=torch.uint8)  # clip_batch puts them last
+    data = shapes.make_pool(64, 0)
     pool = data.images.clone()
     for k, (objects, _) in enumerate(data.items):
         fresh = shapes.broken(objects, random.Random(k))
@@ -819,7 +819,7 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
         assert (fresh is None and given is None) or np.array_equal(fresh, given)
     for share, extra in ((0.0, 0), (0.5, 16)):
         cfg = train.TrainConfig(clip_batch=32, clip_broken=share, clip_swaps=False)
-        captions, images = train.clip_batch(data, rec, cfg, random.Random(0))
+        captions, images = train.clip_batch(data, cfg, random.Random(0))
         assert len(images) == len(captions) + extra == 32 + extra
         assert all(any(torch.equal(i, j) for j in data.images) for i in images[:32])
         assert not any(any(torch.equal(i, j) for j in data.images) for i in images[32:])
@@ -997,8 +997,7 @@ def test_the_prior_and_clip_one_object_captions_name_the_place_at_place_phrase(t
     train.train_prior(model, pool, codes, cfg, torch.device("cpu"), {"history": {"prior": []}}, str(tmp_path))
     ones = [text for (objects, relation), text in drawn if relation is None]
     assert ones and all("position" in shapes.parse(text) for text in ones)
-    recon = torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
-    captions, _ = train.clip_batch(pool, recon, replace(cfg, clip_broken=0.0), random.Random(0))
+    captions, _ = train.clip_batch(pool, replace(cfg, clip_broken=0.0), random.Random(0))
     ones = [c for c in captions if not shapes.parse(c)["relation"]]
     assert ones and all("position" in shapes.parse(text) for text in ones)
     rng = random.Random(0)
@@ -1077,31 +1076,41 @@ def test_sample_stands_on_dalle_py_alone(trained, tmp_path):
     assert "no checker" in r.stdout and (tmp_path / "s.png").exists()
 
 
-def test_an_interrupted_run_resumed_is_the_same_run(tmp_path, monkeypatch):
-    """Ctrl-C in the middle of the prior saves a checkpoint; --resume continues it, and the result equals the run
-    that was never interrupted, weight for weight (each update draws from its own stream, the optimiser's state is
-    saved). Tried against: a resume that restarts the stage at step 0, and one that drops the optimiser's state."""
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train.main(TINY_RUN + ["--out-dir", str(straight)])
-    real_check = train.check_finite
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train.main(TINY_RUN + ["--out-dir", str(out)])
+    return DALLE.load(str(out / "dalle.pt"))[0]
 
-    def interrupt(loss, stage, step):
-        if stage == "prior" and step == 2:
+
+@pytest.mark.parametrize("stage, step, where", [("dvae", 3, "check_finite"), ("dvae", 4, "log"),
+                                                ("decoder", 1, "check_finite"), ("prior", 2, "check_finite"),
+                                                ("prior", 1, "log"), ("clip", 1, "check_finite")])
+def test_an_interrupted_run_resumed_is_the_same_run(straight_run, tmp_path, monkeypatch, stage, step, where):
+    """Ctrl-C in any stage saves a checkpoint; --resume continues it, and the result equals the run that was never
+    interrupted, weight for weight: each update draws from its own stream (the dVAE's gumbel noise too), the
+    optimiser's state is saved, and the step counter moves with the update, so a Ctrl-C between the update and the
+    progress line (`log`) does not repeat it. Tried against: a resume that restarts the stage at step 0, one that
+    drops the optimiser's state, the gumbel generator seeded once at the start of the run (fails in the dVAE), and
+    the step counter moved after the progress line (fails at `log`)."""
+    real = getattr(train, where)
+
+    def interrupt(*args):  # check_finite(loss, stage, step) before the update, log(stage, step, ...) after it
+        if tuple(args[1:3] if where == "check_finite" else args[:2]) == (stage, step):
             raise KeyboardInterrupt
-        return real_check(loss, stage, step)
-    monkeypatch.setattr(train, "check_finite", interrupt)
+        return real(*args)
+    monkeypatch.setattr(train, where, interrupt)
     with pytest.raises(SystemExit) as e:
-        train.main(TINY_RUN + ["--out-dir", str(broken)])
+        train.main(TINY_RUN + ["--out-dir", str(tmp_path)])
     assert e.value.code == 130
-    _, ckpt = DALLE.load(str(broken / "dalle.pt"))
-    assert ckpt["stage"] == "prior" and ckpt["step"] == 2
-    monkeypatch.setattr(train, "check_finite", real_check)
-    train.main(TINY_STEPS + ["--out-dir", str(broken), "--resume"])
-    a, _ = DALLE.load(str(straight / "dalle.pt"))
-    b, ckpt = DALLE.load(str(broken / "dalle.pt"))
+    _, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
+    assert ckpt["stage"] == stage and ckpt["step"] == step + (where == "log")
+    monkeypatch.setattr(train, where, real)
+    train.main(TINY_STEPS + ["--out-dir", str(tmp_path), "--resume"])
+    b, ckpt = DALLE.load(str(tmp_path / "dalle.pt"))
     assert ckpt["stage"] == "done"
     for name in ("vae", "transformer", "clip"):
-        for k, v in getattr(a, name).state_dict().items():
+        for k, v in getattr(straight_run, name).state_dict().items():
             assert torch.equal(v, getattr(b, name).state_dict()[k]), (name, k)
 
 

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 import shapes
 from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
                    gumbel_temperature, image_grid, kl_weight, labelled_rows, logit_laplace_nll, map_pixels, n_params,
-                   pick_device, to_float, to_u8, unmap_pixels)
+                   pick_device, to_float, unmap_pixels)
 from shapes import SIZE, caption, draw_losses, make_pool, random_scene
 
 # -----------------------------------------------------------------------------
@@ -99,8 +99,6 @@ class TrainConfig:
     clip_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak")
     clip_weight_decay: float = setting(0.1, "CLIP's AdamW weight decay")
     clip_warmup: float = setting(0.1, "share of the updates that warm the lr up: without it CLIP can sit at chance")
-    clip_recon_share: float = setting(0.25, "share of the pool that CLIP sees as dVAE reconstructions (half of "
-                                            "each batch), as it will rank decoded samples")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
     clip_moves: bool = setting(True, "each one-object scene whose caption names its place brings a twin: the same "
                                      "object where that place does not hold, so that CLIP reads the place words")
@@ -244,16 +242,12 @@ class Data:
         return None
 
 
-def clip_batch(data, recon_u8, cfg, rng):
-    """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): half dVAE reconstructions (of the first
-    len(recon_u8) images), half the images themselves, all distinct, with clip_swaps each item's twin, and last n
-    broken images that no caption describes (clip_broken)."""
-    n_rec = len(recon_u8)
-    half = min(cfg.clip_batch // 2, n_rec)
-    idx = rng.sample(range(n_rec), half) + rng.sample(range(n_rec, len(data.items)),
-                                                      min(cfg.clip_batch - half, len(data.items) - n_rec))
+def clip_batch(data, cfg, rng):
+    """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): clip_batch distinct images of the pool, with
+    clip_swaps each item's twin, and last n broken images that no caption describes (clip_broken)."""
+    idx = rng.sample(range(len(data.items)), min(cfg.clip_batch, len(data.items)))
     items = [data.items[i] for i in idx]
-    images = torch.cat([recon_u8[idx[:half]], data.images[idx[half:]]])  # (B, 3, H, W) uint8
+    images = data.images[idx]  # (B, 3, H, W) uint8
     # the share of one-object captions that name the place; with clip_moves, drawn here: those scenes get moved twins
     say = [float(rng.random() < cfg.place_phrase) if cfg.clip_moves else cfg.place_phrase for _ in items]
     if cfg.clip_swaps:
@@ -294,12 +288,13 @@ def train_dvae(model, data, cfg, device, state):
     opt = adamw(vae, cfg.dvae_lr, (0.9, 0.999), 1e-4, device)  # App. A.2
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + RANK)  # the gumbel noise
+    gen = torch.Generator(device=device)  # the gumbel noise, seeded from each update's stream: the same on --resume
     fixed = to_float(data.images[:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
     forward = ddp(vae, device)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         rng = step_rng(cfg.seed, "dvae", step)
+        gen.manual_seed(rng.randrange(2 ** 62))
         images = to_float(data.images[rng.sample(range(len(data.images)), cfg.dvae_batch)], device)  # (B, 3, H, W)
         # DEVIATION: a random crop of whole cells, around a drawn one: the nets are convolutional (README)
         if cfg.dvae_crop:
@@ -313,6 +308,7 @@ def train_dvae(model, data, cfg, device, state):
         opt.step()
         mse = pixel_mse(images, parts["mu"])
         state["history"]["dvae"].append([step, loss.item(), mse])
+        state.update(step=step + 1, opt=opt.state_dict())
         if RANK == 0 and (step % cfg.log_every == 0 or step == steps - 1):
             with torch.no_grad():
                 used = vae.encode(fixed).unique().numel()
@@ -320,7 +316,6 @@ def train_dvae(model, data, cfg, device, state):
             log("dvae", step, steps, f"loss {loss.item():7.4f} mse {mse:.4f} kl {parts['kl'].item():5.2f}",
                 f"tau {tau:.3f} beta {beta:.2f} | codes {used:3d}/{K}", f"{rate:6.0f} img/s",
                 (steps - step - 1) * cfg.dvae_batch / rate)
-        state.update(step=step + 1, opt=opt.state_dict())
     # the encoder is frozen from here on: the codes of blank cells are one code from now on (README: Deviations)
     state.update(stage="decoder", step=0, opt=None, blank_code=choose_blank_code(vae, fixed))
 
@@ -352,11 +347,11 @@ def train_decoder(model, data, codes, cfg, device, state):
         opt.step()
         mse = pixel_mse(images, mu)
         state["history"]["decoder"].append([step, loss.item(), mse])
+        state.update(step=step + 1, opt=opt.state_dict())
         if step % cfg.log_every == 0 or step == steps - 1:
             rate = (step + 1 - start) * cfg.decoder_batch / (time.time() - t0)
             log("decoder", step, steps, f"loss {loss.item():7.4f} mse {mse:.4f}", f"lr {cfg.decoder_lr:.2e}",
                 f"{rate:6.0f} img/s", (steps - step - 1) * cfg.decoder_batch / rate)
-        state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="prior", step=0, opt=None)
 
 
@@ -386,6 +381,7 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
         torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)  # App. B.2
         opt.step()
         state["history"]["prior"].append([step, losses["text"].item(), losses["image"].item()])
+        state.update(step=step + 1, opt=opt.state_dict())
         if step % cfg.log_every == 0 or step == steps - 1:
             rate = (step + 1 - start) * tokens / (time.time() - t0)
             log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
@@ -393,11 +389,10 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
                 (steps - step - 1) * tokens / rate)
         if cfg.sample_every and step and step % cfg.sample_every == 0 and RANK == 0 and data.picture_prompts:
             write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"))
-        state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="clip", step=0, opt=None)
 
 
-def train_clip(model, data, codes, cfg, device, state):
+def train_clip(model, data, cfg, device, state):
     """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
     clip, steps = model.clip, cfg.clip_steps
     opt = adamw(clip, cfg.clip_lr, (0.9, 0.999), cfg.clip_weight_decay, device)
@@ -405,13 +400,11 @@ def train_clip(model, data, codes, cfg, device, state):
         opt.load_state_dict(state["opt"])
     clip.visual.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
     forward = ddp(clip, device)
-    # CLIP will rank decoded samples, so it sees the dVAE's reconstructions of part of the pool, decoded once
-    recon_u8 = to_u8(model.vae.decode(codes[:round(len(codes) * cfg.clip_recon_share)].to(device)))  # (n, 3, H, W)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         set_lr(opt, learning_rate(step, steps, cfg.clip_lr, cfg.clip_lr_end, cfg.clip_warmup))
         rng = step_rng(cfg.seed, "clip", step)
-        captions, images = clip_batch(data, recon_u8, cfg, rng)
+        captions, images = clip_batch(data, cfg, rng)
         text = model.tokenize(captions)  # (B', T_txt)
         loss = forward(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
         check_finite(loss, "clip", step)
@@ -419,11 +412,11 @@ def train_clip(model, data, codes, cfg, device, state):
         loss.backward()
         opt.step()
         state["history"]["clip"].append([step, loss.item()])
+        state.update(step=step + 1, opt=opt.state_dict())
         if step % cfg.log_every == 0 or step == steps - 1:
             rate = (step + 1 - start) * cfg.clip_batch / (time.time() - t0)
             log("clip", step, steps, f"loss {loss.item():6.3f}", f"temp {1 / clip.logit_scale.exp().item():.4f}",
                 f"{rate:6.0f} img/s", (steps - step - 1) * cfg.clip_batch / rate)
-        state.update(step=step + 1, opt=opt.state_dict())
     state.update(stage="done", step=0, opt=None)
 
 # -----------------------------------------------------------------------------
@@ -600,7 +593,7 @@ def main(argv=None):
             timed(state, "prior", lambda: train_prior(model, data, codes, cfg, device, state, args.out_dir))
             save()
         if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
-            timed(state, "clip", lambda: train_clip(model, data, codes, cfg, device, state))
+            timed(state, "clip", lambda: train_clip(model, data, cfg, device, state))
             save()
     except KeyboardInterrupt:
         save()
