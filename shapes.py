@@ -657,6 +657,30 @@ def draw_losses(history, path):
 
 
 
+@torch.no_grad()
+def write_samples(model, data, path, n=8, keep=4):
+    """The best `keep` of n candidates for each of the data's picture prompts, a row each under its prompt, with
+    CLIP's score and, where the data has a checker, its verdict under each picture."""
+    model.eval()
+    prompts = data.picture_prompts
+    images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0)  # (P, keep, 3, H, W)
+    right = data.judge(prompts, images)  # (P, keep) or None
+    verdict = lambda p, k: "" if right is None else " right" if right[p, k] else " wrong"  # noqa: E731
+    labelled_rows([(f'"{prompt}"', pictures, [f"{s:.3f}{verdict(p, k)}" for k, s in enumerate(row)])
+                   for p, (prompt, pictures, row) in enumerate(zip(prompts, images, scores.tolist()))],
+                  scale=3).save(path)
+    model.train()
+
+
+@torch.no_grad()
+def write_recon(model, data, device, path, n=8):
+    """The first n training images over their dVAE reconstructions (dvae_recon.png, after stage 1)."""
+    model.eval()
+    images = to_float(data.images[:n], device)
+    image_grid(torch.stack([images, model.vae.decode(model.image_codes(images))])).save(path)
+    model.train()
+
+
 def report(model, cfg, data, codes, device, out):
     """The report's figures -> its lines; its pictures go to out(name): the dVAE's reconstructions and the samples
     of every group read by the checker, the reranking curve, the held-out cells, the masks."""

@@ -1,19 +1,17 @@
 """
-Train DALL-E's three stages on the Shapes world, in paper order, on a laptop CPU:
+Train DALL-E's three stages on the Shapes world (shapes.py), in paper order, on a laptop CPU:
   1. the dVAE on pixels (Sec 2.1), and then its decoder alone on the argmax codes the prior will hand it,
   2. the transformer prior on the frozen dVAE's codes (Sec 2.2),
-  3. CLIP, for reranking the prior's samples (Sec 2.6).
-Then a report: how often the samples show what their captions say, for seen objects and pairs, and for the three
-zero-shot kinds that no training scene shows: objects in places they never visit, pairs of objects never seen
-together, and colour-shape pairs never rendered.
+  3. CLIP, for reranking the prior's samples (Sec 2.6),
+then the report: how often the samples show what their captions say (shapes.report).
 
-    python train.py                          # the default run: about 7 minutes on 2 CPU cores, writes out/dalle.pt
-    python train.py --resume                 # continue an interrupted run (Ctrl-C saves one)
+    python train.py                          # the default run: out/dalle.pt and out/report.txt
+    python train.py --resume                 # continue a stopped run (Ctrl-C saves one): the same run
     python train.py --dvae-from out/dalle.pt --out-dir out/ex   # keep that dVAE, train the prior and CLIP again
+    python train.py --data DIR               # your own pictures and captions instead of the Shapes world
 
 Read it top-down: the settings (TrainConfig, every one a flag), the recipe's parts, the stages, main; below the
-double ruler, your own pictures (--data). The Shapes world, its checker and the report are in shapes.py.
-Importing this file has no side effects.
+double ruler, your own pictures and the benchmark. Importing this file has no side effects.
 """
 import argparse
 import math
@@ -32,12 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import shapes
 from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
-                   gumbel_temperature, image_grid, kl_weight, labelled_rows, logit_laplace_nll, map_pixels, n_params,
+                   gumbel_temperature, kl_weight, labelled_rows, logit_laplace_nll, map_pixels, n_params,
                    pick_device, to_float, unmap_pixels)
-from shapes import SIZE, caption, draw_losses, make_pool, random_scene
 
 # -----------------------------------------------------------------------------
-# The training settings, each with its paper value and, where ours differs, why (README: Deviations).
+# The settings, each with its paper value and, where ours differs, why (README: Deviations, Levers).
 # DEVIATION: a toy run has thousands of updates, not millions: batches are small and learning rates high.
 
 
@@ -55,24 +52,18 @@ class TrainConfig:
     dvae_steps: int = setting(2500, "relaxed updates (paper: 3M)")
     dvae_batch: int = setting(8, "images per update (paper: 512): on a CPU, more small updates win")
     dvae_lr: float = setting(1e-3, "peak lr (paper: 1e-4)")
-    dvae_lr_end: float = setting(1 / 80, "the cosine decays the lr to this share of its peak (paper: 1e-4 -> 1.25e-6)")
+    dvae_lr_end: float = setting(1 / 80, "the cosine ends at this share of the peak lr (paper: 1e-4 -> 1.25e-6)")
     dvae_recon: str = setting("mse", "reconstruction term: the paper's logit-laplace (App. A.3) collapsed every "
-                                     "short run to a few codes; mse is the squared error of sigmoid(mu)",
-                              choices=("mse", "logit-laplace"))
-    # DEVIATION: no EMA of the dVAE's weights (paper: decay 0.999 over 3M updates); a run of thousands has no long
-    # plateau for an average to smooth (README: Deviations)
+                              "short run to a few codes; mse: (sigmoid(mu) - x)^2", choices=("mse", "logit-laplace"))
+    # DEVIATION: no EMA of the dVAE's weights (paper: decay 0.999): a run of thousands has no plateau to smooth
     beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
     beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
     # DEVIATION: tau anneals over all the relaxed updates, not only the paper's first 150k of 3M (README: Deviations)
-    tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16, then held "
-                                     "(paper: 150k of 3M)")
-    dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: the whole image; paper: "
-                                 "whole images): a crop costs a third of a whole image, so more updates fit")
-    crop_on_object: bool = setting(True, "each image's crop holds a cell it draws on, so that each update sees "
-                                         "shapes, not black (else one crop anywhere for the whole batch)")
-    logit_scale: float = setting(3.0, "the encoder's output conv starts this many times openai's init, so "
-                                      "that codes beat the gumbel noise from the start")
-    codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise: one-hot inputs look alike at first")
+    tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16 (paper: 5%)")
+    dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: whole images, the paper's)")
+    crop_on_object: bool = setting(True, "each image's crop holds a cell it draws on (else one crop anywhere a batch)")
+    logit_scale: float = setting(3.0, "the encoder's output conv starts at this many times openai's init")
+    codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise")
     # stage 1b, the decoder on the codes the prior will hand it (not in the paper)
     decoder_steps: int = setting(1500, "updates of the decoder alone on the frozen encoder's argmax codes")
     decoder_batch: int = setting(16, "images per decoder update")
@@ -82,42 +73,38 @@ class TrainConfig:
     prior_batch: int = setting(32, "captions per update (paper: 1024)")
     prior_lr: float = setting(4e-3, "peak lr (paper: 4.5e-4)")
     prior_warmup: float = setting(0.05, "share of the updates that warm the lr up (paper: 5k updates)")
-    prior_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak (paper: on plateaus)")
+    prior_lr_end: float = setting(0.05, "the cosine ends at this share of the peak lr (paper: decay on plateaus)")
     weight_decay: float = setting(4.5e-2, "the prior's AdamW weight decay (paper: 4.5e-2)")
     grad_clip: float = setting(4.0, "gradient norm clip (paper: 4)")
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
-    pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as single objects "
-                                  "(paper: the data as it comes): pairs are what the prior learns last")
-    place_phrase: float = setting(0.9, "share of the prior's and CLIP's one-object captions that say where the object "
-                                       "is (the report's: half): named, a place is learnt from its words, not from "
-                                       "which object it is")
+    pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as one object (paper: the "
+                               "data as it comes)")
+    place_phrase: float = setting(0.9, "share of the prior's and CLIP's one-object captions that name the object's "
+                                  "place (the report's: half)")
     # stage 3, CLIP (Sec 2.6)
     clip_steps: int = setting(1200, "updates")
-    clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin and broken copy: "
-                                  "more updates of fewer pairs teach more in the same time")
+    clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin and broken copy")
     clip_lr: float = setting(4e-3, "peak lr")
-    clip_lr_end: float = setting(0.05, "the cosine decays the lr to this share of its peak")
+    clip_lr_end: float = setting(0.05, "the cosine ends at this share of the peak lr")
     clip_weight_decay: float = setting(0.1, "CLIP's AdamW weight decay")
     clip_warmup: float = setting(0.1, "share of the updates that warm the lr up: without it CLIP can sit at chance")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
-    clip_moves: bool = setting(True, "each one-object scene whose caption names its place brings a twin: the same "
-                                     "object where that place does not hold, so that CLIP reads the place words")
-    clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy as a hard negative: some "
-                                      "cells of one object drawn as another shape or colour, which no caption "
-                                      "describes (not in the paper; 0: none, each update about a third cheaper)")
-    # the report
+    clip_moves: bool = setting(True, "each one-object scene whose caption names its place brings the same object "
+                               "where that place does not hold, as a hard negative")
+    clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy, cells of one object drawn "
+                                 "as another shape or colour, as a hard negative")
+    # the report (shapes.report)
     eval_prompts: int = setting(96, "report prompts per group: one prompt moves a figure by about a point")
     candidates: int = setting(8, "candidates per report prompt, reranked by CLIP (paper: 512)")
-    curve_prompts: int = setting(16, "prompts per group for the reranking curve, 32 candidates each (Fig. 9c; "
-                                     "0: no curve)")
+    curve_prompts: int = setting(16, "prompts per group for the reranking curve, 32 candidates each (Fig. 9c)")
 
 # -----------------------------------------------------------------------------
-# The recipe's parts: the optimiser, the learning-rate schedule, each update's random stream, the dVAE's terms
+# The recipe's parts: the optimiser and schedule, each update's random stream, processes, crops, the dVAE's terms
 
 
 def adamw(module, lr, betas, weight_decay, device):
     """AdamW that decays the weight matrices only, not biases, gains or CLIP's temperature (nanoGPT's rule); fused
-    where torch has the kernel (one op for all the parameters instead of a dozen each)."""
+    where torch has the kernel."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -125,8 +112,8 @@ def adamw(module, lr, betas, weight_decay, device):
 
 
 def learning_rate(step, steps, peak, end=1.0, warmup=0.0):
-    """The one schedule of every stage: a linear warm-up over the first `warmup` share of the updates, then a
-    cosine from peak down to end * peak (end = 1: held)."""
+    """Every stage's schedule: a linear warm-up over the first `warmup` share of the updates, then a cosine from
+    peak down to end * peak (end = 1: held)."""
     warm = max(1, round(steps * warmup))
     return peak * min(1.0, (step + 1) / warm) * cosine(step, steps, 1.0, end)
 
@@ -137,8 +124,8 @@ def set_lr(opt, lr):
 
 
 def step_rng(seed, stage, step):
-    """The random stream of one update (its scenes, crop, captions, BPE dropout): the same again on --resume, and
-    each process's own under torchrun."""
+    """The random stream of one update (its scenes, crops, captions, noise): the same again on --resume, and each
+    process's own under torchrun."""
     return random.Random(f"{stage} {seed} {step}" + (f" rank {RANK}" if RANK else ""))
 
 
@@ -194,15 +181,15 @@ def squared_error(x, mu, ln_b):
     return (torch.sigmoid(mu) - x) ** 2
 
 
-def pixel_mse(images, mu):
-    """The progress lines' mse: the reconstruction unmap(sigmoid(mu)) against the pixels in [0, 1], as the report's."""
-    return ((unmap_pixels(torch.sigmoid(mu.detach())) - images) ** 2).mean().item()
-
-
 def recon_term(cfg):
     """The reconstruction term DiscreteVAE.forward uses: App. A.3's logit-Laplace NLL, or the squared error."""
     # DEVIATION: with the NLL every short run collapsed to a few codes (README: Deviations, the dVAE loss)
     return logit_laplace_nll if cfg.dvae_recon == "logit-laplace" else squared_error
+
+
+def pixel_mse(images, mu):
+    """The progress lines' mse: the reconstruction unmap(sigmoid(mu)) against the pixels in [0, 1], as the report's."""
+    return ((unmap_pixels(torch.sigmoid(mu.detach())) - images) ** 2).mean().item()
 
 
 def choose_blank_code(vae, images):
@@ -210,36 +197,6 @@ def choose_blank_code(vae, images):
     # DEVIATION: a blank cell carries nothing, so its argmax is arbitrary; one code for all of them (README)
     blank = blank_cells(images, vae.config.cell_size)  # (B, h, w)
     return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
-
-
-class Data:
-    """What the stages train on: uint8 images (n, 3, H, W), rendered or read once, and an item per image that says
-    what it shows. A caption is drawn afresh from the item at each use (the paper's images have several). This base
-    class serves a folder of pictures (an item is the list of an image's captions); the Shapes world's subclass,
-    below the double ruler, adds what its scenes allow: pairs drawn more often, CLIP's swapped and moved twins."""
-
-    picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
-
-    def __init__(self, items, images):
-        self.items, self.images = items, images
-
-    def caption(self, item, rng, say_place=0.5):  # say_place: the Shapes world's share of captions naming a place
-        return rng.choice(item)
-
-    def weight(self, item, cfg):  # how many times the prior's draws hold this item
-        return 1
-
-    def twin(self, item, rng, moves):  # a hard negative for CLIP: an item whose captions (naming the place, with
-        return None                     # moves) do not describe this one, or None
-
-    def broken(self, item, image, rng):  # a hard negative for CLIP: the item's uint8 image (3, H, W) changed so
-        return None                      # that no caption describes it, or None
-
-    def corpus(self, rng):  # the text the BPE is trained on
-        return "\n".join(c for item in self.items for c in item)
-
-    def judge(self, prompts, images):  # which pictures (P, N, 3, H, W) show their prompt, (P, N) bools, if known
-        return None
 
 
 def clip_batch(data, cfg, rng):
@@ -274,12 +231,16 @@ def check_finite(loss, stage, step):
                                  f"Try a lower learning rate or another --seed.")
 
 
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
 def log(stage, step, steps, losses, knobs, rate, eta_s):
     if RANK == 0:  # one process speaks for all
         print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
 
 # -----------------------------------------------------------------------------
-# The stages
+# The stages. Each updates state (step, optimiser) with every update, so that a Ctrl-C saves where it stood.
 
 
 def train_dvae(model, data, cfg, device, state):
@@ -388,7 +349,7 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
                 f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
                 (steps - step - 1) * tokens / rate)
         if cfg.sample_every and step and step % cfg.sample_every == 0 and RANK == 0 and data.picture_prompts:
-            write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"))
+            shapes.write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"))
     state.update(stage="clip", step=0, opt=None)
 
 
@@ -433,35 +394,25 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out", help="where the checkpoint, pictures and report go (default out)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/dalle.pt (Ctrl-C saves one)")
-    p.add_argument("--dvae-from", default=None, metavar="CKPT",
-                   help="keep the dVAE (and tokenizer) of this checkpoint; train the prior and CLIP afresh")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="train on a folder of pictures and captions instead of the Shapes world (README: Your own "
-                        "pictures)")
-    p.add_argument("--holdout", type=int, default=16,
-                   help="with --data: pictures kept out of training, for the report's samples (default 16)")
+    p.add_argument("--dvae-from", metavar="CKPT", help="keep this checkpoint's dVAE and tokenizer; train the rest")
+    p.add_argument("--data", metavar="DIR", help="a folder of pictures and captions instead of the Shapes world")
+    p.add_argument("--holdout", type=int, default=16, help="with --data: pictures kept out for the report (16)")
     p.add_argument("--benchmark", action="store_true", help="time a training step and generation, then exit")
     p.add_argument("--config", default="", help="DALLEConfig fields, e.g. n_layer=2,n_embd=64 (default: its own)")
     for f in fields(TrainConfig):
         flag, default, meta = "--" + f.name.replace("_", "-"), f.default, f.metadata
-        shown = f"{default:g}" if isinstance(default, float) else default
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
         else:
+            shown = f"{default:g}" if isinstance(default, float) else default
             p.add_argument(flag, type=type(default), default=default, choices=meta["choices"],
                            help=f"{meta['help']} (default {shown})")
     args = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            p.error(f"--{f.name.replace('_', '-')} must not be negative, got {value}")
-    for name in ("pool", "log_every", "eval_prompts", "candidates", "dvae_batch", "decoder_batch", "prior_batch",
-                 "clip_batch"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if cfg.pair_weight < 1:
-        p.error("need --pair-weight at least 1")
+    for name, value in asdict(cfg).items():
+        positive = name in ("pool", "log_every", "eval_prompts", "candidates", "pair_weight") or name.endswith("batch")
+        if not isinstance(value, (str, bool)) and value < positive:
+            p.error(f"--{name.replace('_', '-')} must be {'positive' if positive else 'at least 0'}, got {value}")
     if cfg.pool < 4 * max(cfg.dvae_batch, cfg.decoder_batch, cfg.prior_batch, cfg.clip_batch):
         p.error("--pool must hold at least 4 batches of scenes")
     try:  # DALLEConfig fields, each an integer: a typo is one line, not a traceback
@@ -469,8 +420,9 @@ def parse_args(argv=None):
         config = DALLEConfig(**args.config)
     except (ValueError, TypeError) as e:
         p.error(f"--config takes DALLEConfig fields as name=integer, comma-separated: {brief(e)}")
-    if config.image_size != SIZE and not args.data:
-        p.error(f"the Shapes world is drawn at {SIZE} px: --config image_size must be {SIZE} (or train on --data)")
+    if config.image_size != shapes.SIZE and not args.data:
+        p.error(f"the Shapes world is drawn at {shapes.SIZE} px: --config image_size must be {shapes.SIZE} (or "
+                f"train on --data)")
     if cfg.dvae_crop % config.cell_size or cfg.dvae_crop > config.image_size:
         p.error(f"--dvae-crop must be whole {config.cell_size}-pixel cells within the {config.image_size}-pixel "
                 f"image (0: no crop), got {cfg.dvae_crop}")
@@ -532,13 +484,11 @@ def start(cfg, args, data, device):
                                                             "history": history}
 
 
-def timed(state, stage, fn):
-    """Run fn, adding its wall time to state["seconds"][stage] (the report's stage times) -> what fn returns."""
-    t0 = time.time()
-    result = fn()
-    seconds = state.setdefault("seconds", {})
-    seconds[stage] = seconds.get(stage, 0.0) + time.time() - t0
-    return result
+@torch.no_grad()
+def encode_pool(model, images_u8, device, batch=16):  # on 2 CPU threads, 16 at a time runs fastest
+    """uint8 images (n, 3, H, W) -> the codes the prior learns (n, h, w), on the CPU."""
+    return torch.cat([model.image_codes(to_float(images_u8[i:i + batch], device).contiguous(
+        memory_format=torch.channels_last)).cpu() for i in range(0, len(images_u8), batch)])  # (n, h, w)
 
 
 def main(argv=None):
@@ -562,7 +512,7 @@ def main(argv=None):
         except FolderError as e:
             sys.exit(f"error: {e}")
     else:  # the Shapes world, rendered once
-        data, held_out = make_pool(cfg.pool, cfg.seed), None
+        data, held_out = shapes.make_pool(cfg.pool, cfg.seed), None
     model, state = start(cfg, args, data, device)
     model.train()
     model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
@@ -578,22 +528,29 @@ def main(argv=None):
         if RANK == 0:  # every process holds the same weights; one writes them
             model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"),
                        train=asdict(cfg), history=state["history"], seconds=state.get("seconds", {}))
+
+    def timed(stage, fn):  # fn's wall time goes to state["seconds"][stage], the report's stage times
+        t0 = time.time()
+        result = fn()
+        seconds = state.setdefault("seconds", {})
+        seconds[stage] = seconds.get(stage, 0.0) + time.time() - t0
+        return result
     try:
         if state["stage"] == "dvae":  # 1. the dVAE on pixels
-            timed(state, "dvae", lambda: train_dvae(model, data, cfg, device, state))
+            timed("dvae", lambda: train_dvae(model, data, cfg, device, state))
             save()
         model.blank_code = state["blank_code"]
-        codes = timed(state, "encode", lambda: encode_pool(model, data.images, device))  # (n, h, w): the tokens
+        codes = timed("encode", lambda: encode_pool(model, data.images, device))  # (n, h, w): the prior's tokens
         if state["stage"] == "decoder":  # 1b. its decoder on the frozen encoder's codes
-            timed(state, "decoder", lambda: train_decoder(model, data, codes, cfg, device, state))
+            timed("decoder", lambda: train_decoder(model, data, codes, cfg, device, state))
             save()
             if RANK == 0:
-                write_recon(model, data, device, out("dvae_recon.png"))
+                shapes.write_recon(model, data, device, out("dvae_recon.png"))
         if state["stage"] == "prior":  # 2. the prior on [caption | codes]
-            timed(state, "prior", lambda: train_prior(model, data, codes, cfg, device, state, args.out_dir))
+            timed("prior", lambda: train_prior(model, data, codes, cfg, device, state, args.out_dir))
             save()
         if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
-            timed(state, "clip", lambda: train_clip(model, data, cfg, device, state))
+            timed("clip", lambda: train_clip(model, data, cfg, device, state))
             save()
     except KeyboardInterrupt:
         save()
@@ -611,23 +568,54 @@ def main(argv=None):
     print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
     t_report = time.time()
     if held_out is None:  # the Shapes world's report: what the samples show, read back by its checker
-        write_samples(model, data, out("final.png"))
+        shapes.write_samples(model, data, out("final.png"))
         lines = shapes.report(model, cfg, data, codes, device, out)
     else:
         lines = folder_report(model, cfg, data, held_out, codes, device, out)
-    draw_losses(state["history"], out("loss_curves.png"))
-    lines += time_lines(cfg, state, time.time() - t_report, time.time() - t_start, device)
+    shapes.draw_losses(state["history"], out("loss_curves.png"))
+    steps = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
+    lines += [f"time on {device} ({torch.get_num_threads()} threads): " + " | ".join(
+        f"{stage} {fmt_time(s)}" + (f", {steps[stage]} updates, {steps[stage] / s:.1f}/s" if steps.get(stage) and s
+                                    else "") for stage, s in state.get("seconds", {}).items())
+        + f" | report {fmt_time(time.time() - t_report)}", f"total time {fmt_time(time.time() - t_start)}"]
     with open(out("report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("report\n  " + "\n  ".join(lines))
 
 
 # =============================================================================
-# Below: your own pictures (--data DIR), and the pictures and figures every run writes. Nothing above depends on how
-# a data set works, only on a Data (or shapes.ShapesData) to draw from and a report to write.
+# Your own pictures (README: Your own pictures): a folder of images and their captions, served as the Shapes world's
+# pool is (shapes.ShapesData), with no checker; then the benchmark.
 
-# -----------------------------------------------------------------------------
-# Your own pictures: a folder of images and their captions (README: Your own pictures)
+
+class Data:
+    """A folder's pictures: uint8 images (n, 3, H, W), read once, and an item per image, the list of its captions, of
+    which one is drawn at each use (the paper's images have several). shapes.ShapesData is the same for the Shapes
+    world, and adds what its scenes allow: pairs drawn more often, CLIP's twins and broken copies, a checker."""
+
+    picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
+
+    def __init__(self, items, images):
+        self.items, self.images = items, images
+
+    def caption(self, item, rng, say_place=0.5):  # say_place: the Shapes world's share of captions naming a place
+        return rng.choice(item)
+
+    def weight(self, item, cfg):  # how many times the prior's draws hold this item
+        return 1
+
+    def twin(self, item, rng, moves):  # CLIP's hard negatives (ShapesData's): none here
+        return None
+
+    def broken(self, item, image, rng):
+        return None
+
+    def corpus(self, rng):  # the text the BPE is trained on
+        return "\n".join(c for item in self.items for c in item)
+
+    def judge(self, prompts, images):  # which pictures (P, N, 3, H, W) show their prompt, (P, N) bools, if known
+        return None
+
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -639,24 +627,23 @@ class FolderError(Exception):
 def read_captions(folder, names):
     """-> {image file name: [captions]}: from captions.tsv (file<TAB>caption lines) if the folder has one, else from
     each image's x.txt beside it (one caption a line). A caption for an image that is not there is an error."""
-    captions = {}
-    tsv = os.path.join(folder, "captions.tsv")
+    captions, tsv = {}, os.path.join(folder, "captions.tsv")
     if os.path.isfile(tsv):
         with open(tsv, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
-                if line.strip():
-                    name, tab, text = line.rstrip("\n").partition("\t")
-                    if not tab or not text.strip():
-                        raise FolderError(f"{tsv} line {number} is not file<TAB>caption: {line.strip()[:60]!r}")
-                    if name not in names:
-                        raise FolderError(f"{tsv} line {number} names {name}, which is not an image in {folder}")
-                    captions.setdefault(name, []).append(text.strip())
+                if not line.strip():
+                    continue
+                name, tab, text = line.rstrip("\n").partition("\t")
+                if not tab or not text.strip():
+                    raise FolderError(f"{tsv} line {number} is not file<TAB>caption: {line.strip()[:60]!r}")
+                if name not in names:
+                    raise FolderError(f"{tsv} line {number} names {name}, which is not an image in {folder}")
+                captions.setdefault(name, []).append(text.strip())
         return captions
     for txt in sorted(f for f in os.listdir(folder) if f.endswith(".txt")):
-        stem = txt[:-4]
-        image = next((stem + ext for ext in IMAGE_EXTENSIONS if stem + ext in names), None)
+        image = next((txt[:-4] + ext for ext in IMAGE_EXTENSIONS if txt[:-4] + ext in names), None)
         if image is None:
-            raise FolderError(f"{os.path.join(folder, txt)} has no image beside it ({stem}.png or {stem}.jpg)")
+            raise FolderError(f"{os.path.join(folder, txt)} has no image beside it ({txt[:-4]}.png or .jpg)")
         with open(os.path.join(folder, txt), encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
         if lines:
@@ -668,8 +655,7 @@ def read_image(path, size):
     """An image file -> uint8 (3, size, size): the centred square crop, resized; None if it cannot be read."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            side = min(img.size)
+            img, side = img.convert("RGB"), min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
             return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, size, size)
@@ -689,22 +675,22 @@ def load_folder(folder, size, holdout, cfg):
     if not captions:
         raise FolderError(f"{folder} has {len(names)} images but no captions: put each image's in x.txt beside "
                           f"x.png, or all of them in captions.tsv (file<TAB>caption)")
-    items, images, skipped = [], [], 0
+    items, images = [], []
     for name in sorted(captions):
         image = read_image(os.path.join(folder, name), size)
         if image is None:
             print(f"warning: cannot read {os.path.join(folder, name)}: skipped", file=sys.stderr)
-            skipped += 1
-            continue
-        items.append(captions[name])
-        images.append(image)
-    if skipped and RANK == 0:
+        else:
+            items.append(captions[name])
+            images.append(image)
+    if len(items) < len(captions) and RANK == 0:
+        skipped = len(captions) - len(items)
         print(f"warning: skipped {skipped} unreadable image{'s' * (skipped > 1)} of {len(captions)}", file=sys.stderr)
-    uncaptioned = len(names) - len(captions)
-    if uncaptioned and RANK == 0:
-        print(f"note: {uncaptioned} images of {folder} have no caption and are not used", file=sys.stderr)
+    if len(names) > len(captions) and RANK == 0:
+        print(f"note: {len(names) - len(captions)} images of {folder} have no caption and are not used",
+              file=sys.stderr)
     order = list(range(len(items)))
-    random.Random(cfg.seed).shuffle(order)  # the held-out pictures, and the ones CLIP sees as reconstructions
+    random.Random(cfg.seed).shuffle(order)  # the held-out pictures
     keep, held = order[holdout:], order[:holdout]
     need = max(cfg.dvae_batch, cfg.decoder_batch, cfg.prior_batch)
     if len(keep) < need:
@@ -720,119 +706,60 @@ def load_folder(folder, size, holdout, cfg):
 def folder_report(model, cfg, data, held_out, codes, device, out):
     """What needs no checker -> the report's lines: the dVAE's reconstruction error and codebook usage, the prior's
     losses on the held-out pictures, and their captions drawn beside the real pictures (holdout.png)."""
-    c = model.config
     model.eval()
     test = held_out if held_out.items else Data(data.items[:16], data.images[:16])
+    which, K = "held-out" if held_out.items else "training", model.config.image_vocab_size
     images = to_float(test.images, device)  # (n, 3, H, W)
     test_codes = model.image_codes(images)  # (n, h, w)
     recon = model.vae.decode(test_codes)  # (n, 3, H, W)
-    used = codes.unique().numel()
-    which = "held-out" if held_out.items else "training"
-    lines = [f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} on {len(images)} {which} "
-             f"pictures (pixels in [0, 1]); codebook usage {used}/{c.image_vocab_size} codes on the training pictures"]
-    text = model.tokenize([item[0] for item in test.items])  # (n, T_txt)
-    _, losses = model.transformer(text, test_codes.flatten(1))
-    lines.append(f"transformer loss on the {which} pictures' first captions: {losses['text'].item():.3f} nats per "
-                 f"text token, {losses['image'].item():.3f} nats per image token (ln K = "
-                 f"{math.log(c.image_vocab_size):.2f})")
+    _, losses = model.transformer(model.tokenize([item[0] for item in test.items]), test_codes.flatten(1))
     rows = []
     for i, item in enumerate(test.items[:8]):
         samples, scores, _ = model.generate([item[0]], n=cfg.candidates, keep=min(4, cfg.candidates), seed=cfg.seed)
         pictures = torch.cat([images[i:i + 1], recon[i:i + 1], samples[0]])  # (2 + keep, 3, H, W)
         rows.append((f'"{item[0]}"', pictures, ["real", "dVAE"] + [f"{s:.3f}" for s in scores[0].tolist()]))
     labelled_rows(rows).save(out("holdout.png"))
-    lines.append(f"holdout.png: {len(rows)} {which} captions, each: the real picture, its dVAE reconstruction, then "
-                 f"CLIP's best of {cfg.candidates} samples")
-    return lines
-
-# -----------------------------------------------------------------------------
-# What every run writes: the pool's codes, sample grids, reconstructions, the time lines; and the benchmark
-
-
-def fmt_time(s):
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-@torch.no_grad()
-def encode_pool(model, images_u8, device, batch=16):  # on 2 CPU threads, 16 at a time runs fastest
-    """uint8 images (n, 3, H, W) -> the codes the prior learns (n, h, w), on the CPU."""
-    return torch.cat([model.image_codes(to_float(images_u8[i:i + batch], device).contiguous(
-        memory_format=torch.channels_last)).cpu() for i in range(0, len(images_u8), batch)])  # (n, h, w)
-
-
-@torch.no_grad()
-def write_samples(model, data, path, n=8, keep=4):
-    """The best `keep` of n candidates for each of the data's picture prompts, a row each under its prompt, with
-    CLIP's score and, where the data has a checker, its verdict under each picture."""
-    model.eval()
-    prompts = data.picture_prompts
-    images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0)  # (P, keep, 3, H, W)
-    right = data.judge(prompts, images)  # (P, keep) or None
-    verdict = lambda p, k: "" if right is None else " right" if right[p, k] else " wrong"  # noqa: E731
-    labelled_rows([(f'"{prompt}"', pictures, [f"{s:.3f}{verdict(p, k)}" for k, s in enumerate(row)])
-                   for p, (prompt, pictures, row) in enumerate(zip(prompts, images, scores.tolist()))],
-                  scale=3).save(path)
-    model.train()
-
-
-@torch.no_grad()
-def write_recon(model, data, device, path, n=8):
-    model.eval()
-    images = to_float(data.images[:n], device)
-    image_grid(torch.stack([images, model.vae.decode(model.image_codes(images))])).save(path)  # renders over recons
-    model.train()
-
-# -----------------------------------------------------------------------------
-# Speed: the reference config of issue #2 against DALLE-pytorch (README: Speed)
+    return [f"dVAE: reconstruction MSE {((recon - images) ** 2).mean().item():.5f} on {len(images)} {which} pictures "
+            f"(pixels in [0, 1]); codebook usage {codes.unique().numel()}/{K} codes on the training pictures",
+            f"transformer loss on the {which} pictures' first captions: {losses['text'].item():.3f} nats per text "
+            f"token, {losses['image'].item():.3f} nats per image token (ln K = {math.log(K):.2f})",
+            f"holdout.png: {len(rows)} {which} captions, each: the real picture, its dVAE reconstruction, then CLIP's "
+            f"best of {cfg.candidates} samples"]
 
 
 def benchmark(device):
-    """Speed at the reference config of issue #2 (lucidrains/DALLE-pytorch's figures were taken at it):
-    64 px, 8x8 codes, K 512, text 32 tokens of a 1024 vocab, n_embd 256, 4 layers, 8 heads, batch 32."""
+    """Speed at DALLE-pytorch's reference config (README: Speed): 64 px, 8x8 codes, K 512, text 32 tokens of a 1024
+    vocab, n_embd 256, 4 layers, 8 heads; an AdamW step of the prior at batch 32, and 16 images generated."""
     c = DALLEConfig(text_seq_len=32, text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
     tokenizer = BPETokenizer()
-    tokenizer.train(" ".join(caption(*random_scene(random.Random(i)), random.Random(i)) for i in range(500)), 1024)
+    tokenizer.train(" ".join(shapes.caption(*shapes.random_scene(random.Random(i)), random.Random(i))
+                             for i in range(500)), 1024)
     model = DALLE(c, tokenizer).to(device)
     text = torch.randint(0, c.text_vocab_size, (32, c.text_seq_len), device=device)
     codes = torch.randint(0, c.image_vocab_size, (32, c.image_seq_len), device=device)
     opt = torch.optim.AdamW(model.transformer.parameters(), lr=1e-4)
-
-    def timed(fn, repeats):
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.time() - t0) / repeats
 
     def train_step():
         _, losses = model.transformer(text, codes)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
-    step = timed(train_step, 10)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def seconds(fn, repeats=10):  # a warm-up call, then the mean of `repeats`
+        fn()
+        sync()
+        t0 = time.time()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.time() - t0) / repeats
+    step = seconds(train_step)
     model.eval()
-    gen = timed(lambda: model.generate(["a red circle above a blue square"], n=16, keep=16), 10)
+    gen = seconds(lambda: model.generate(["a red circle above a blue square"], n=16, keep=16))
     print(f"benchmark on {device} ({torch.get_num_threads()} threads): training step at batch 32 {step:.3f} s = "
           f"{32 * c.block_size / step:,.0f} tokens/s; 16 images generated, decoded and scored {gen:.3f} s")
-
-
-
-def time_lines(cfg, state, report_s, total_s, device):
-    """Where the run's time went: each stage's wall time and its updates per second (stages of this process and of
-    the runs it resumed), the report's, and the whole run's."""
-    steps = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
-    parts = []
-    for stage, seconds in (state.get("seconds") or {}).items():
-        rate = f", {steps[stage]} updates, {steps[stage] / seconds:.1f}/s" if steps.get(stage) and seconds else ""
-        parts.append(f"{stage} {fmt_time(seconds)}{rate}")
-    return [f"time on {device} ({torch.get_num_threads()} threads): " + " | ".join(parts) + f" | report "
-            f"{fmt_time(report_s)}", f"total time {fmt_time(total_s)}"]
-
-
 
 
 if __name__ == "__main__":
