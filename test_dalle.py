@@ -894,6 +894,17 @@ def test_every_training_setting_is_a_flag():
         assert f.metadata["help"], f"{f.name} says nothing of its paper value or reason"
 
 
+def test_help_prints_every_flag(capsys):
+    """`python train.py --help` exits 0 and lists every setting. Tried against a help text with a bare '%' (argparse
+    formats help with %, and the whole --help then fails with a traceback)."""
+    from dataclasses import fields
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all("--" + f.name.replace("_", "-") in out for f in fields(train.TrainConfig))
+
+
 @pytest.mark.parametrize("argv", [["--dvae-crop", "12"], ["--dvae-recon", "l1"], ["--prior-lr", "-1"],
                                   ["--resume", "--config", "n_layer=2"], ["--pool", "10"],
                                   ["--config", "clip_embd=20,clip_head=4"]])  # CLIP's first layer is clip_embd / 8 wide

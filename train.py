@@ -59,7 +59,7 @@ class TrainConfig:
     beta: float = setting(1.0, "KL weight once ramped up (paper: 6.6)")
     beta_ramp: float = setting(0.25, "share of the relaxed updates over which beta ramps up (paper: 5k of 3M)")
     # DEVIATION: tau anneals over all the relaxed updates, not only the paper's first 150k of 3M (README: Deviations)
-    tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16 (paper: 5%)")
+    tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16 (paper: 150k/3M)")
     dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: whole images, the paper's)")
     crop_on_object: bool = setting(True, "each image's crop holds a cell it draws on (else one crop anywhere a batch)")
     logit_scale: float = setting(3.0, "the encoder's output conv starts at this many times openai's init")
