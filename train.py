@@ -410,9 +410,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     for name, value in asdict(cfg).items():
-        positive = name in ("pool", "log_every", "eval_prompts", "candidates", "pair_weight") or name.endswith("batch")
-        if not isinstance(value, (str, bool)) and value < positive:
-            p.error(f"--{name.replace('_', '-')} must be {'positive' if positive else 'at least 0'}, got {value}")
+        least = 1 if name in ("pool", "log_every", "eval_prompts", "candidates", "pair_weight") or \
+            name.endswith("batch") else 0  # counts of things that must exist; every other number may be 0
+        if not isinstance(value, (str, bool)) and value < least:
+            p.error(f"--{name.replace('_', '-')} must be {'positive' if least else 'at least 0'}, got {value}")
     if cfg.pool < 4 * max(cfg.dvae_batch, cfg.decoder_batch, cfg.prior_batch, cfg.clip_batch):
         p.error("--pool must hold at least 4 batches of scenes")
     try:  # DALLEConfig fields, each an integer: a typo is one line, not a traceback
@@ -574,10 +575,12 @@ def main(argv=None):
         lines = folder_report(model, cfg, data, held_out, codes, device, out)
     shapes.draw_losses(state["history"], out("loss_curves.png"))
     steps = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
-    lines += [f"time on {device} ({torch.get_num_threads()} threads): " + " | ".join(
-        f"{stage} {fmt_time(s)}" + (f", {steps[stage]} updates, {steps[stage] / s:.1f}/s" if steps.get(stage) and s
-                                    else "") for stage, s in state.get("seconds", {}).items())
-        + f" | report {fmt_time(time.time() - t_report)}", f"total time {fmt_time(time.time() - t_start)}"]
+    parts = []  # each stage's wall time and updates a second, this process's and the runs' it resumed
+    for stage, s in state.get("seconds", {}).items():
+        n = steps.get(stage)
+        parts.append(f"{stage} {fmt_time(s)}" + (f", {n} updates, {n / s:.1f}/s" if n and s else ""))
+    lines += [f"time on {device} ({torch.get_num_threads()} threads): " + " | ".join(parts)
+              + f" | report {fmt_time(time.time() - t_report)}", f"total time {fmt_time(time.time() - t_start)}"]
     with open(out("report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("report\n  " + "\n  ".join(lines))
