@@ -26,7 +26,7 @@ Shape legend
 import argparse
 import math
 import os
-import random
+import sys
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -172,10 +172,12 @@ class BPETokenizer:
 
     def encode(self, text, dropout=0.0, rng=None):
         """text -> ids; dropout > 0 (training only, Sec 2.2 fn. 5) draws from rng, a random.Random."""
+        if dropout > 0 and rng is None:  # the global `random` would make a run depend on whatever else drew from it
+            raise ValueError("BPE dropout draws from rng: pass a random.Random, as train.py does")
         ids = []
         for chunk in self.compiled_pattern.findall(text):
             if dropout > 0:
-                ids.extend(self._encode_chunk(list(chunk.encode("utf-8")), dropout, rng or random))
+                ids.extend(self._encode_chunk(list(chunk.encode("utf-8")), dropout, rng))
             else:
                 if chunk not in self.cache:
                     self.cache[chunk] = self._encode_chunk(list(chunk.encode("utf-8")), 0.0, None)
@@ -803,6 +805,10 @@ class DALLE(nn.Module):
             raise CheckpointError(f"{path} is not a dalle.py checkpoint")
         try:
             known = {f.name for f in fields(DALLEConfig)}
+            unknown = sorted(set(ckpt["config"]) - known)
+            if unknown:  # a setting this dalle.py does not have: say so, then build the model without it
+                print(f"warning: {path} sets {', '.join(unknown)}, which this dalle.py does not know: ignored",
+                      file=sys.stderr)
             config = DALLEConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
             model = cls(config, BPETokenizer.from_dict(ckpt["tokenizer"]))
             for name in ("vae", "transformer", "clip"):
@@ -854,6 +860,21 @@ def image_grid(images, gap=2):
         for n in range(N):
             grid[:, gap + r * (H + gap):(r + 1) * (H + gap), gap + n * (W + gap):(n + 1) * (W + gap)] = images[r, n]
     return Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
+
+
+def read_image(path, size):
+    """An image file -> uint8 (3, size, size): its centred square, resized (a folder's pictures in train.py, an image
+    prompt in sample.py); None if it cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img, side = img.convert("RGB"), min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)  # (size * size * 3,): RGB rows
+            return pixels.view(size, size, 3).permute(2, 0, 1)  # (3, size, size)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def labelled_rows(rows, scale=2, gap=4, line=12):

@@ -14,10 +14,10 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
-from dalle import DALLE, ArgumentParser, CheckpointError, attention_picture, drawing_frames, labelled_rows, pick_device
+from dalle import (DALLE, ArgumentParser, CheckpointError, attention_picture, drawing_frames, labelled_rows,
+                   pick_device, read_image, to_float)
 
 try:  # the Shapes world's checker, to say which pictures are right; sampling itself needs only dalle.py
     from shapes import SIZE, judge_all, parse
@@ -60,14 +60,13 @@ def parse_args(argv=None):
     return args
 
 
-def load_image_prompt(path, size):
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    except (OSError, UnidentifiedImageError) as e:
-        die(f"cannot read the image prompt {path}: {e}")
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 255  # (1, 3, S, S)
+def image_prompt(model, path):
+    """An image file -> the codes of its top rows (1, rows * w), as the prior learnt them (Sec 3.3): its centred square
+    at the model's size, as training reads pictures, then the recipe's codes, its blank code included."""
+    image = read_image(path, model.config.image_size)  # (3, S, S) uint8
+    if image is None:
+        die(f"cannot read the image prompt {path}: not a picture PIL can open")
+    return model.prompt_codes(model.image_codes(to_float(image[None], model.transformer.sos.device)))  # (1, rows * w)
 
 
 def main(argv=None):
@@ -90,19 +89,21 @@ def main(argv=None):
         if n_tokens > c.text_seq_len:
             print(f"warning: {prompt[:40]!r}... is {n_tokens} tokens; only the first {c.text_seq_len} are used",
                   file=sys.stderr)
-    prompt = None
-    if args.image:  # the codes as the checkpoint's prior learnt them: its recipe's blank code included
-        image = load_image_prompt(args.image, c.image_size).to(device)  # (1, 3, S, S)
-        prompt = model.prompt_codes(model.image_codes(image))  # (1, rows * w)
+    prompt = image_prompt(model, args.image) if args.image else None  # (1, rows * w)
     images, scores, codes = model.generate(args.prompts, n=args.n, keep=args.keep, temperature=args.temperature,
                                     top_k=args.top_k, seed=args.seed, image_prompt=prompt)
     verdicts = [None] * len(args.prompts)  # the checker's, for captions of the Shapes world it can read
     if parse is not None:
         verdicts = [judge_all([t], pics[None])["all"][0] if parse(t) and pics.shape[-1] == SIZE else None
                     for t, pics in zip(args.prompts, images)]  # the checker reads the Shapes world's 64 px pictures
-    rows = [(f'"{text}"', pictures, [f"{s:.3f}" + ("" if v is None else " right" if ok else " wrong")
-                                     for s, ok in zip(row, v if v is not None else [None] * len(row))])
-            for text, pictures, row, v in zip(args.prompts, images, scores.tolist(), verdicts)]
+    given = "" if prompt is None else f", its top {prompt.shape[1] // c.grid_size} rows of codes from {args.image}"
+    rows = []  # eight pictures a line, so that --keep 32 still fits a screen
+    for text, pictures, row, v in zip(args.prompts, images, scores.tolist(), verdicts):
+        labels = [f"{s:.3f}" + ("" if v is None else " right" if ok else " wrong")
+                  for s, ok in zip(row, v if v is not None else [None] * len(row))]
+        for i in range(0, len(row), 8):
+            part = f" ({i + 1}-{min(i + 8, len(row))} of {len(row)})" if len(row) > 8 else ""
+            rows.append((f'"{text}"{part}{given}', pictures[i:i + 8], labels[i:i + 8]))
     try:
         labelled_rows(rows, scale=3).save(args.out)
         stem = os.path.splitext(args.out)[0]

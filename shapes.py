@@ -404,7 +404,8 @@ PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above 
 
 class ShapesData:
     """The Shapes world's training pool, what train.py's stages draw from: uint8 images (n, 3, 64, 64), rendered
-    once, and an item per image, its scene (objects, relation). train.Data serves a folder of pictures the same way."""
+    once, and an item per image, its scene (objects, relation). train.Data serves a folder of pictures the same way;
+    the Shapes world adds what its scenes allow: pairs drawn more often, CLIP's twins and broken copies, a checker."""
     picture_prompts = PICTURE_PROMPTS
 
     def __init__(self, items, images):
@@ -417,17 +418,30 @@ class ShapesData:
         # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
         return cfg.pair_weight if item[1] else 1
 
-    def twin(self, item, rng, moves):
-        if item[1] is not None:
-            return swapped(*item, rng)
-        return moved(item[0][0], rng) if moves else None
-
-    def broken(self, item, image, rng):
-        image = broken(item[0], rng, image.permute(1, 2, 0).numpy())
-        return None if image is None else torch.from_numpy(image).permute(2, 0, 1)  # (3, H, W) uint8
-
-    def render(self, items):
-        return render_all([objects for objects, _ in items])
+    def clip_batch(self, cfg, rng):
+        """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): clip_batch distinct scenes of the pool,
+        with clip_swaps each scene's twin, and last n broken copies that no caption describes (clip_broken)."""
+        idx = rng.sample(range(len(self.items)), min(cfg.clip_batch, len(self.items)))
+        items, images = [self.items[i] for i in idx], self.images[idx]  # images (B, 3, H, W) uint8
+        # the share of one-object captions that name the place; with clip_moves, drawn here: those get moved twins
+        say = [float(rng.random() < cfg.place_phrase) if cfg.clip_moves else cfg.place_phrase for _ in items]
+        if cfg.clip_swaps:
+            # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that
+            # differ only in binding, relation or place meet in one batch (README: Deviations)
+            twins = [swapped(*item, rng) if item[1] is not None else moved(item[0][0], rng) if p == 1 and
+                     cfg.clip_moves else None for item, p in zip(items, say)]
+            twins = [t for t in twins if t is not None]
+            if twins:  # a moved scene's twin differs from it in the place alone: its caption names it too
+                items, say = items + twins, say + [1.0] * len(twins)
+                images = torch.cat([images, render_all([objects for objects, _ in twins])])  # (B', 3, H, W)
+        # DEVIATION: broken objects as hard negatives, not the paper's CLIP: it picked objects the prior drew from the
+        # cells of two shapes or colours over whole ones (README: Deviations)
+        n = round(cfg.clip_broken * cfg.clip_batch)
+        negatives = [broken(item[0], rng, self.images[i].permute(1, 2, 0).numpy()) for item, i in zip(items[:n], idx)]
+        negatives = [torch.from_numpy(b).permute(2, 0, 1) for b in negatives if b is not None]  # (3, H, W) uint8 each
+        if negatives:
+            images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
+        return [caption(*item, rng, say_place=p) for item, p in zip(items, say)], images
 
     def corpus(self, rng):
         return "\n".join(caption(*item, rng) for item in self.items[:5000])

@@ -5,7 +5,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -93,6 +93,15 @@ def test_bpe_dropout_draws_as_the_paper_says():
     assert sum(abs(ours[s] - slow[s]) for s in set(ours) | set(slow)) / (2 * n) < 0.08
 
 
+def test_bpe_dropout_without_an_rng_is_an_error():
+    """Dropout draws from the rng it is given, never from the global `random`, so a run is its seed's alone.
+    Tried against: falling back to `random` without a word: fails here."""
+    tok = BPETokenizer()
+    tok.train(CORPUS, 300)
+    with pytest.raises(ValueError, match="rng"):
+        tok.encode("a red circle", dropout=0.1)
+
+
 def test_bpe_save_load_identity():
     tok = BPETokenizer()
     tok.train(CORPUS, 350)
@@ -176,6 +185,19 @@ def test_prompt_codes_are_the_top_rows_in_raster_order():
     assert torch.equal(tiny_model().prompt_codes(codes, rows=1), codes[:, 0])
 
 
+def test_embed_image_adds_each_cells_row_and_column_embedding():
+    """Fig. 10 / App. B.1: an image token's input is its code's embedding + its row's + its column's. On the 4 x 4
+    grid, the cells 6 and 7 (row 1, columns 2 and 3), embedded from start 6: tried against the row and column tables
+    swapped, both indexed by the row, both by the column, and start ignored: each fails here."""
+    prior = tiny_model().transformer
+    codes = torch.tensor([[9, 4]])  # the codes of cells 6 and 7
+    with torch.no_grad():
+        got = prior.embed_image(codes, start=6)  # (1, 2, C)
+        want = [prior.wte_img.weight[9] + prior.wpe_row.weight[1] + prior.wpe_col.weight[2],
+                prior.wte_img.weight[4] + prior.wpe_row.weight[1] + prior.wpe_col.weight[3]]
+    assert torch.allclose(got[0], torch.stack(want))
+
+
 def test_logit_laplace_is_a_density_on_the_unit_interval():
     x = torch.linspace(1e-6, 1 - 1e-6, 200001, dtype=torch.float64)
     for mu, ln_b in ((0.0, 0.0), (1.5, -1.0), (-2.0, 0.5)):
@@ -183,28 +205,57 @@ def test_logit_laplace_is_a_density_on_the_unit_interval():
         assert abs(torch.trapezoid(f, x).item() - 1) < 1e-3
 
 
-def test_dvae_relaxation_draws_gumbel_noise_and_the_kl_reads_q_itself():
-    """App. A.2: the decoder reads softmax((logits + g) / tau) with gumbel noise g, so two noise draws decode two
-    different images, and the same draw the same one; the KL term is KL(q || uniform) of q = softmax(logits), not of
-    the noisy sample. Tried against: no noise (softmax(logits / tau)), noise without the division by tau, and the KL
-    of the relaxed sample: each fails here."""
-    torch.manual_seed(0)
-    vae, images = DiscreteVAE(TINY), torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        vae.encoder.output.conv.weight.mul_(5)  # logits that beat the noise a little, as training makes them
-        _, a = vae(images, 1.0, 1.0, torch.Generator().manual_seed(0))
-        _, b = vae(images, 1.0, 1.0, torch.Generator().manual_seed(1))
-        _, a2 = vae(images, 1.0, 1.0, torch.Generator().manual_seed(0))
-        _, cold = vae(images, 1 / 16, 1.0, torch.Generator().manual_seed(0))
-        logits = vae.logits(images)  # (B, K, h, w)
-        g = -torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(0)).log()
-        noisy = torch.nn.functional.one_hot((logits + g).argmax(1), TINY.image_vocab_size).permute(0, 3, 1, 2)
-        mu_hard, _ = vae.decode_soft(noisy.float())  # tau -> 0: the one-hot of argmax(logits + g)
-        q = logits.softmax(1)
-        kl = (q * (q.log() + math.log(TINY.image_vocab_size))).sum(1).mean()
-    assert torch.equal(a["mu"], a2["mu"]) and not torch.allclose(a["mu"], b["mu"])
-    assert (cold["mu"] - mu_hard).abs().max() < (a["mu"] - mu_hard).abs().max()  # colder: nearer the hard sample
-    assert torch.allclose(a["kl"], kl) and torch.allclose(b["kl"], kl)  # the same KL whatever the noise
+def test_map_pixels_is_the_papers_affine_map_and_unmap_pixels_inverts_it():
+    """App. A.3: x' = (1 - 2 eps) x + eps, eps = 0.1, so that 0 and 1 land inside (0, 1) where the logit-Laplace
+    density is finite; unmap_pixels inverts it and clamps to [0, 1]. Tried against: a clamp to [eps, 1 - eps]
+    instead of the map, eps 0.05, and an unmap that does not invert the map (x - eps, or the division left out):
+    each fails here."""
+    x = torch.linspace(0, 1, 11)
+    assert torch.allclose(dalle.map_pixels(x), 0.8 * x + 0.1)
+    assert torch.allclose(dalle.unmap_pixels(dalle.map_pixels(x)), x, atol=1e-6)
+    assert torch.equal(dalle.unmap_pixels(torch.tensor([0.0, 0.05, 0.95, 1.0])), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def _relaxed(vae, logits, tau, seed, monkeypatch):
+    """The relaxed one-hot (B, K, h, w) that DiscreteVAE.forward hands its decoder, for given logits, and its KL."""
+    seen = {}
+
+    def decode_soft(one_hot):  # stands in for the decoder: keeps what it is given
+        seen["z"] = one_hot
+        return torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    monkeypatch.setattr(vae, "logits", lambda images: logits)
+    monkeypatch.setattr(vae, "decode_soft", decode_soft)
+    _, parts = vae(torch.rand(1, 3, 8, 8), tau, 1.0, torch.Generator().manual_seed(seed))
+    return seen["z"], parts["kl"]
+
+
+def test_dvae_relaxation_is_gumbel_softmax_and_the_kl_reads_q_itself(monkeypatch):
+    """App. A.2: the decoder reads softmax((logits + g) / tau), g gumbel noise drawn from the update's generator.
+    Tested by what that must do, whatever way g is drawn: over 20,000 cells, argmax(logits + g) picks each code as
+    often as softmax(logits) says (the gumbel-max trick), at any tau; for the same draw g, tau * log z differs
+    between two taus by one constant per cell; the same generator seed gives the same z, another seed another; and
+    the KL term is KL(q || uniform) of q = softmax(logits), whatever the noise. Tried against: no noise
+    (softmax(logits / tau)), the noise added after the division by tau, noise without the temperature, uniform
+    noise instead of gumbel, the global generator instead of the update's, and the KL of the relaxed sample: each
+    fails here; -log(-log(torch.rand(..., generator=g))) and -log(exponential_(generator=g)) both pass."""
+    vae = DiscreteVAE(TINY)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = (p.log() + 2.0).view(1, 4, 1, 1).expand(1, 4, 100, 200).contiguous()  # 20,000 cells, one q
+    z, kl = _relaxed(vae, logits, 0.5, 0, monkeypatch)
+    freq = torch.bincount(z.argmax(1).flatten(), minlength=4).float() / 20000
+    assert (freq - p).abs().max() < 0.015, freq  # the sampling error of a share is at most 0.0035
+    assert math.isclose(kl.item(), (p * (p.log() + math.log(4))).sum().item(), rel_tol=1e-5)
+    cells = torch.randn(1, 4, 4, 4)  # different logits in every cell
+    z_warm, kl_warm = _relaxed(vae, cells, 1.0, 1, monkeypatch)
+    z_cold, kl_cold = _relaxed(vae, cells, 0.5, 1, monkeypatch)
+    z_again, _ = _relaxed(vae, cells, 1.0, 1, monkeypatch)
+    z_other, _ = _relaxed(vae, cells, 1.0, 2, monkeypatch)
+    assert torch.equal(z_warm, z_again) and not torch.allclose(z_warm, z_other)
+    gap = 1.0 * z_warm.double().log() - 0.5 * z_cold.double().log()  # (1, K, h, w): log-normalisers only
+    assert (gap - gap.mean(1, keepdim=True)).abs().max() < 1e-4
+    assert z_cold.amax(1).mean() > z_warm.amax(1).mean()  # colder: nearer one-hot
+    q = cells.softmax(1)
+    assert torch.allclose(kl_warm, (q * (q.log() + math.log(4))).sum(1).mean()) and torch.equal(kl_warm, kl_cold)
 
 
 def test_dvae_loss_falls_on_a_fixed_batch():
@@ -238,6 +289,9 @@ def test_dvae_loss_is_normalised_per_subpixel():
 
 
 def test_schedules_are_cosines_between_the_papers_endpoints():
+    """tau 1 -> 1/16 and beta 0 -> 6.6, each on a cosine (App. A.2), checked a quarter of the way, where a line
+    and a cosine part. Tried against: tau on a line, beta ramped on a line, beta not held after its ramp: each
+    fails here."""
     assert gumbel_temperature(0, 100) == 1.0
     assert math.isclose(gumbel_temperature(100, 100), 1 / 16) and math.isclose(gumbel_temperature(500, 100), 1 / 16)
     assert math.isclose(gumbel_temperature(50, 100), (1 + 1 / 16) / 2)  # half way at the midpoint, as a line is too
@@ -245,7 +299,8 @@ def test_schedules_are_cosines_between_the_papers_endpoints():
     assert math.isclose(gumbel_temperature(25, 100), cosine)
     assert kl_weight(0, 5000) == 0.0
     assert math.isclose(kl_weight(5000, 5000), 6.6) and math.isclose(kl_weight(10 ** 6, 5000), 6.6)
-    assert math.isclose(kl_weight(2500, 5000), 3.3)
+    assert math.isclose(kl_weight(2500, 5000), 3.3)  # a line agrees here, not a quarter of the way:
+    assert math.isclose(kl_weight(1250, 5000), 6.6 * (1 - math.cos(math.pi / 4)) / 2)  # a line: 1.65
 
 
 def _openai_keys(vae):
@@ -303,6 +358,15 @@ def test_paper_preset_size_and_logits_on_meta_device():
     assert c.n_embd // c.n_head == 64
 
 
+def test_paper_preset_holds_the_papers_sizes():
+    """PAPER.md's table: 256 px in 32 x 32 codes of K 8,192; 256 text tokens of a 16,384 vocabulary; 64 layers of
+    62 heads of 64; the dVAE at n_hid 256 with 2 blocks a group. Tried against: each size changed: each fails."""
+    c = DALLEConfig.paper()
+    assert (c.image_size, c.grid_size, c.image_vocab_size, c.text_seq_len, c.text_vocab_size) == (256, 32, 8192,
+                                                                                                   256, 16384)
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_hid, c.n_blk_per_group) == (64, 62, 3968, 256, 2)
+
+
 def test_layer_schedule_of_64_layers():
     kinds = [layer_mask_kind(i, 64) for i in range(1, 65)]
     assert kinds.count("row") == 47 and kinds.count("column") == 16 and kinds.count("conv") == 1
@@ -327,6 +391,21 @@ def test_conv_mask_on_4x4_grid():
     assert _reads("conv", 10) == {5, 6, 7, 9}  # causal 3x3 neighbourhood
     assert _reads("conv", 4) == {0, 1}
     assert _reads("conv", 15, kernel=11) == set(range(15))  # 11x11 covers all of a 4x4 grid
+
+
+def test_conv_mask_at_the_papers_size_reads_a_causal_11x11_window():
+    """App. B.1: the convolutional layer reads a causal 11 x 11 neighbourhood (Fig. 11 draws it 3 x 3), in the
+    default and in paper(); on the paper's 32 x 32 grid the cell (16, 16) reads the 5 rows above it, 11 cells each,
+    and the 5 cells to its left: 60 cells, and every text position. Tried against: conv_kernel = 3 in the
+    default or in paper() (4 cells), a window one cell too wide (84), and one without its column bound: each fails
+    here."""
+    c = DALLEConfig.paper()
+    assert c.conv_kernel == DALLEConfig().conv_kernel == 11
+    q = 16 * 32 + 16
+    reads = set(torch.nonzero(image_mask("conv", 32, 32, c.conv_kernel)[q]).flatten().tolist())
+    assert reads == {r * 32 + col for r in range(11, 16) for col in range(11, 22)} | set(range(q - 5, q))
+    full = attention_mask("conv", c.text_seq_len, 32, 32, c.conv_kernel)  # (1280, 1280): input 257 + k holds cell k
+    assert full[256 + q, :257].all() and full[256 + q, 257:].sum() == 60  # the start token, 256 text tokens, 60 cells
 
 
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
@@ -592,13 +671,21 @@ def test_generate_keeps_candidates_in_clip_order_and_is_reproducible():
 # Checkpoints
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip(tmp_path, capsys):
+    """Weights, config, tokenizer and the recipe's blank code come back. Tried against: a load that drops the blank
+    code (back to -1), and one that drops an unknown config key without a word: each fails here."""
     model = tiny_model()
+    model.blank_code = 5
     path = str(tmp_path / "m.pt")
     model.save(path, step=7)
     loaded, ckpt = DALLE.load(path)
-    assert ckpt["step"] == 7 and loaded.config == model.config
+    assert ckpt["step"] == 7 and loaded.config == model.config and loaded.blank_code == 5
     assert loaded.tokenizer.merges == model.tokenizer.merges
+    assert capsys.readouterr().err == ""
+    ckpt["config"]["wider"] = 2  # a setting of another dalle.py: loaded without it, and said
+    torch.save(ckpt, path)
+    DALLE.load(path)
+    assert "wider" in capsys.readouterr().err
     a, _, _ = model.generate(["a red circle"], n=4, keep=2, seed=0)
     b, _, _ = loaded.generate(["a red circle"], n=4, keep=2, seed=0)
     assert torch.equal(a, b)
@@ -774,7 +861,7 @@ def test_clip_hard_negatives_are_true_negatives():
     assert kinds == {"places", "colours", "shapes", "moved"}
     assert sum(shapes.moved(shapes.place_one(rng, ("red", "circle")), rng) is not None for _ in range(200)) > 100
     pool, cfg = shapes.make_pool(500, 0), train.TrainConfig(place_phrase=0.5, clip_moves=True)
-    captions, images = train.clip_batch(pool, cfg, random.Random(0))
+    captions, images = pool.clip_batch(cfg, random.Random(0))
     moved = [c for c in captions[cfg.clip_batch:] if not shapes.parse(c)["relation"]]  # the twins follow the batch
     assert moved and all("position" in shapes.parse(c) for c in moved)
 
@@ -819,7 +906,7 @@ def test_clip_broken_objects_take_some_cells_of_one_object_from_another_kind():
         assert (fresh is None and given is None) or np.array_equal(fresh, given)
     for share, extra in ((0.0, 0), (0.5, 16)):
         cfg = train.TrainConfig(clip_batch=32, clip_broken=share, clip_swaps=False)
-        captions, images = train.clip_batch(data, cfg, random.Random(0))
+        captions, images = data.clip_batch(cfg, random.Random(0))
         assert len(images) == len(captions) + extra == 32 + extra
         assert all(any(torch.equal(i, j) for j in data.images) for i in images[:32])
         assert not any(any(torch.equal(i, j) for j in data.images) for i in images[32:])
@@ -875,7 +962,6 @@ TINY_RUN = TINY_STEPS + ["--config", "n_hid=8,n_init=8,image_vocab_size=64,n_lay
 
 
 def test_every_training_setting_is_a_flag():
-    from dataclasses import fields
     for f in fields(train.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -894,10 +980,31 @@ def test_every_training_setting_is_a_flag():
         assert f.metadata["help"], f"{f.name} says nothing of its paper value or reason"
 
 
+def test_settings_keep_the_papers_values_or_name_them(tmp_path, monkeypatch):
+    """Each setting the paper fixes is either the paper's value or says the paper's in its help (README:
+    Deviations, TrainConfig), and each stage's optimiser is the paper's AdamW: the dVAE's (0.9, 0.999) with weight
+    decay 1e-4 (App. A.2), the prior's (0.9, 0.96) with 4.5e-2 (App. B.2). Tried against: the gradient clip at 1,
+    BPE dropout 0.2, the prior's betas (0.9, 0.999), the dVAE's weight decay 0, and a help that drops the paper's
+    batch: each fails here."""
+    cfg = train.TrainConfig()
+    assert (cfg.weight_decay, cfg.grad_clip, cfg.bpe_dropout) == (4.5e-2, 4.0, 0.1)  # App. B.2, Sec 2.2 fn. 5
+    helps = {f.name: f.metadata["help"] for f in fields(train.TrainConfig)}
+    for name, paper in [("dvae_steps", "3M"), ("dvae_batch", "512"), ("dvae_lr", "1e-4"), ("beta", "6.6"),
+                        ("beta_ramp", "5k of 3M"), ("tau_anneal", "150k/3M"), ("prior_steps", "about 430k"),
+                        ("prior_batch", "1024"), ("prior_lr", "4.5e-4"), ("prior_warmup", "5k updates"),
+                        ("candidates", "512")]:
+        assert f"paper: {paper}" in helps[name], (name, helps[name])
+    made, real = [], train.adamw
+    monkeypatch.setattr(train, "adamw", lambda module, lr, betas, wd, device: made.append((betas, wd))
+                        or real(module, lr, betas, wd, device))
+    train.main(TINY_RUN + ["--dvae-steps", "1", "--decoder-steps", "1", "--prior-steps", "1", "--clip-steps", "1",
+                           "--eval-prompts", "1", "--curve-prompts", "0", "--out-dir", str(tmp_path)])
+    assert made[0] == ((0.9, 0.999), 1e-4) and made[2] == ((0.9, 0.96), 4.5e-2)  # dVAE, decoder, prior, CLIP
+
+
 def test_help_prints_every_flag(capsys):
     """`python train.py --help` exits 0 and lists every setting. Tried against a help text with a bare '%' (argparse
     formats help with %, and the whole --help then fails with a traceback)."""
-    from dataclasses import fields
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--help"])
     assert e.value.code == 0
@@ -1008,7 +1115,7 @@ def test_the_prior_and_clip_one_object_captions_name_the_place_at_place_phrase(t
     train.train_prior(model, pool, codes, cfg, torch.device("cpu"), {"history": {"prior": []}}, str(tmp_path))
     ones = [text for (objects, relation), text in drawn if relation is None]
     assert ones and all("position" in shapes.parse(text) for text in ones)
-    captions, _ = train.clip_batch(pool, replace(cfg, clip_broken=0.0), random.Random(0))
+    captions, _ = pool.clip_batch(replace(cfg, clip_broken=0.0), random.Random(0))
     ones = [c for c in captions if not shapes.parse(c)["relation"]]
     assert ones and all("position" in shapes.parse(text) for text in ones)
     rng = random.Random(0)
@@ -1139,6 +1246,27 @@ def _one_line_error(r, code=None):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_image_prompt_keeps_the_blank_code_and_the_centred_square(tmp_path):
+    """Sec 3.3 as sample.py reads --image: the codes the prior learnt, the recipe's blank code in every empty cell,
+    from the centred square of a picture that is not square (as training crops). Tried against: the prompt encoded
+    with model.vae.encode alone (blank cells lose the blank code), and the picture squashed to a square instead of
+    cropped: each fails here."""
+    from PIL import Image
+    import sample
+    model = tiny_model()  # 32 px, a 4 x 4 grid: the prompt keeps round(15 / 32 * 4) = 2 rows
+    model.blank_code = 63
+    square = np.zeros((32, 32, 3), np.uint8)
+    square[2:7, 2:7] = (255, 0, 0)  # a red spot in cell (0, 0); every other cell blank
+    Image.fromarray(square).save(tmp_path / "square.png")
+    wide = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    wide[:, 16:48] = square
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    codes = sample.image_prompt(model, str(tmp_path / "square.png"))  # (1, 2 * 4)
+    assert codes.shape == (1, 8) and (codes[0, 1:] == 63).all()
+    assert codes[0, 0] == model.vae.encode(torch.from_numpy(square).permute(2, 0, 1)[None] / 255.0)[0, 0, 0]
+    assert torch.equal(sample.image_prompt(model, str(tmp_path / "wide.png")), codes)
+
+
 def test_sample_bad_inputs_exit_with_one_line(trained, tmp_path):
     ckpt = str(trained / "dalle.pt")
     r = run_sample("a red circle", "--checkpoint", str(tmp_path / "missing.pt"))
@@ -1228,7 +1356,7 @@ def test_bad_folders_are_one_line_errors_and_unreadable_images_are_skipped(tmp_p
 
 def _two_ranks(rank, folder, out, port, queue):
     """One of two torchrun-like processes: trains a few updates and records, after every optimiser step, whether
-    both ranks hold the same weights (their sums gathered from both)."""
+    both ranks hold the same weights (their sums gathered from both), and the loss of each of its own batches."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -1243,16 +1371,20 @@ def _two_ranks(rank, folder, out, port, queue):
         same.append(bool(torch.equal(both[0], both[1])))
         return result
     torch.optim.AdamW.step = step
+    losses, real_check = [], train.check_finite
+    train.check_finite = lambda loss, *args: (losses.append(loss.item()), real_check(loss, *args))
     try:
         train.main(FOLDER_RUN + ["--data", folder, "--out-dir", out])
     finally:
-        torch.optim.AdamW.step = real_step
-    queue.put((rank, same))
+        torch.optim.AdamW.step, train.check_finite = real_step, real_check
+    queue.put((rank, (same, losses)))
 
 
 def test_two_processes_train_data_parallel_and_stay_in_step(tmp_path):
-    """torchrun's way, two CPU processes (gloo): each draws its own batches, gradients are averaged, so after every
-    update both hold the same weights; rank 0 alone writes the checkpoint, which loads."""
+    """torchrun's way, two CPU processes (gloo): each draws its own batches (so their losses differ at every
+    update), gradients are averaged, so after every update both hold the same weights; rank 0 alone writes the
+    checkpoint, which loads. Tried against: both ranks drawing the same batches (the rank left out of step_rng),
+    and gradients not averaged (no DistributedDataParallel): each fails here."""
     import socket
     import torch.multiprocessing as mp
     folder = str(_folder(tmp_path / "pics"))
@@ -1269,7 +1401,9 @@ def test_two_processes_train_data_parallel_and_stay_in_step(tmp_path):
         p.join(timeout=60)
     assert all(p.exitcode == 0 for p in procs)
     steps = 4 + 2 + 3 + 2  # every stage's updates
-    assert len(results[0]) == len(results[1]) == steps and all(results[0]) and all(results[1])
+    (same0, loss0), (same1, loss1) = results[0], results[1]
+    assert len(same0) == len(same1) == steps and all(same0) and all(same1)
+    assert len(loss0) == len(loss1) == steps and all(a != b for a, b in zip(loss0, loss1))
     _, ckpt = DALLE.load(str(tmp_path / "out" / "dalle.pt"))
     assert ckpt["stage"] == "done"
 

@@ -21,17 +21,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import shapes
 from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
                    gumbel_temperature, kl_weight, labelled_rows, logit_laplace_nll, map_pixels, n_params,
-                   pick_device, to_float, unmap_pixels)
+                   pick_device, read_image, to_float, unmap_pixels)
 
 # -----------------------------------------------------------------------------
 # The settings, each with its paper value and, where ours differs, why (README: Deviations, Levers).
@@ -199,32 +197,6 @@ def choose_blank_code(vae, images):
     return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
 
 
-def clip_batch(data, cfg, rng):
-    """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): clip_batch distinct images of the pool, with
-    clip_swaps each item's twin, and last n broken images that no caption describes (clip_broken)."""
-    idx = rng.sample(range(len(data.items)), min(cfg.clip_batch, len(data.items)))
-    items = [data.items[i] for i in idx]
-    images = data.images[idx]  # (B, 3, H, W) uint8
-    # the share of one-object captions that name the place; with clip_moves, drawn here: those scenes get moved twins
-    say = [float(rng.random() < cfg.place_phrase) if cfg.clip_moves else cfg.place_phrase for _ in items]
-    if cfg.clip_swaps:
-        # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that differ
-        # only in binding, relation or place meet in one batch (README: Deviations)
-        twins = [t for t in (data.twin(item, rng, cfg.clip_moves and p == 1) for item, p in zip(items, say))
-                 if t is not None]
-        if twins:  # a moved scene's twin differs from it in the place alone: its caption names it too
-            items, say = items + twins, say + [1.0] * len(twins)
-            images = torch.cat([images, data.render(twins)])  # (B', 3, H, W), B' = B + twins
-    # DEVIATION: broken objects as hard negatives, not the paper's CLIP: it picked objects the prior drew from the
-    # cells of two shapes or colours over whole ones (README: Deviations)
-    n = round(cfg.clip_broken * cfg.clip_batch)
-    negatives = [b for b in (data.broken(item, data.images[i], rng) for item, i in zip(items[:n], idx))
-                 if b is not None]
-    if negatives:
-        images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
-    return [data.caption(item, rng, p) for item, p in zip(items, say)], images
-
-
 def check_finite(loss, stage, step):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
@@ -365,7 +337,7 @@ def train_clip(model, data, cfg, device, state):
     for step in range(start, steps):
         set_lr(opt, learning_rate(step, steps, cfg.clip_lr, cfg.clip_lr_end, cfg.clip_warmup))
         rng = step_rng(cfg.seed, "clip", step)
-        captions, images = clip_batch(data, cfg, rng)
+        captions, images = data.clip_batch(cfg, rng)  # the Shapes world's bring hard negatives
         text = model.tokenize(captions)  # (B', T_txt)
         loss = forward(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
         check_finite(loss, "clip", step)
@@ -594,7 +566,7 @@ def main(argv=None):
 class Data:
     """A folder's pictures: uint8 images (n, 3, H, W), read once, and an item per image, the list of its captions, of
     which one is drawn at each use (the paper's images have several). shapes.ShapesData is the same for the Shapes
-    world, and adds what its scenes allow: pairs drawn more often, CLIP's twins and broken copies, a checker."""
+    world."""
 
     picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
 
@@ -607,11 +579,9 @@ class Data:
     def weight(self, item, cfg):  # how many times the prior's draws hold this item
         return 1
 
-    def twin(self, item, rng, moves):  # CLIP's hard negatives (ShapesData's): none here
-        return None
-
-    def broken(self, item, image, rng):
-        return None
+    def clip_batch(self, cfg, rng):  # CLIP's (captions, uint8 images (B, 3, H, W)): distinct pictures of the folder
+        idx = rng.sample(range(len(self.items)), min(cfg.clip_batch, len(self.items)))
+        return [self.caption(self.items[i], rng) for i in idx], self.images[idx]
 
     def corpus(self, rng):  # the text the BPE is trained on
         return "\n".join(c for item in self.items for c in item)
@@ -652,18 +622,6 @@ def read_captions(folder, names):
         if lines:
             captions[image] = lines
     return captions
-
-
-def read_image(path, size):
-    """An image file -> uint8 (3, size, size): the centred square crop, resized; None if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img, side = img.convert("RGB"), min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, size, size)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
 
 
 def load_folder(folder, size, holdout, cfg):
