@@ -65,7 +65,7 @@ def image_prompt(model, path):
     at the model's size, as training reads pictures, then the recipe's codes, its blank code included."""
     image = read_image(path, model.config.image_size)  # (3, S, S) uint8
     if image is None:
-        die(f"cannot read the image prompt {path}: not a picture PIL can open")
+        die(f"cannot read the image prompt {path}: " + ("not a picture" if os.path.isfile(path) else "no such file"))
     return model.prompt_codes(model.image_codes(to_float(image[None], model.transformer.sos.device)))  # (1, rows * w)
 
 

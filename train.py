@@ -445,6 +445,7 @@ def start(cfg, args, data, device):
         old, ckpt = load_or_exit(args.dvae_from, device, "cannot take the dVAE")
         if ckpt.get("stage") in ("dvae", "decoder"):
             sys.exit(f"error: the dVAE of {args.dvae_from} is not trained yet: finish it with --resume")
+        torch.manual_seed(cfg.seed)  # loading drew from the generator: the prior and CLIP start as a whole run's do
         try:
             model = DALLE(replace(old.config, **args.config), old.tokenizer).to(device)
         except ValueError as e:
