@@ -405,7 +405,7 @@ PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above 
 class ShapesData:
     """The Shapes world's training pool, what train.py's stages draw from: uint8 images (n, 3, 64, 64), rendered
     once, and an item per image, its scene (objects, relation). train.Data serves a folder of pictures the same way;
-    the Shapes world adds what its scenes allow: pairs drawn more often, CLIP's twins and broken copies, a checker."""
+    the Shapes world adds what its scenes allow: CLIP's twins and broken copies, and a checker."""
     picture_prompts = PICTURE_PROMPTS
 
     def __init__(self, items, images):
@@ -413,10 +413,6 @@ class ShapesData:
 
     def caption(self, item, rng, say_place=0.5):
         return caption(*item, rng, say_place=say_place)
-
-    def weight(self, item, cfg):
-        # DEVIATION: two-object scenes drawn pair_weight times as often as single objects (README: Deviations)
-        return cfg.pair_weight if item[1] else 1
 
     def clip_batch(self, cfg, rng):
         """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): clip_batch distinct scenes of the pool,

@@ -75,8 +75,6 @@ class TrainConfig:
     weight_decay: float = setting(4.5e-2, "the prior's AdamW weight decay (paper: 4.5e-2)")
     grad_clip: float = setting(4.0, "gradient norm clip (paper: 4)")
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
-    pair_weight: int = setting(2, "two-object scenes are drawn this many times as often as one object (paper: the "
-                               "data as it comes)")
     place_phrase: float = setting(0.9, "share of the prior's and CLIP's one-object captions that name the object's "
                                   "place (the report's: half)")
     # stage 3, CLIP (Sec 2.6)
@@ -295,7 +293,6 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
     if state.get("opt"):
         opt.load_state_dict(state["opt"])
     forward, codes = ddp(prior, device), codes.flatten(1)  # codes (n, T_img)
-    draws = [i for i, item in enumerate(data.items) for _ in range(data.weight(item, cfg))]
     tokens = cfg.prior_batch * prior.config.block_size
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
@@ -303,7 +300,7 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
         lr = learning_rate(step, steps, cfg.prior_lr, cfg.prior_lr_end, cfg.prior_warmup)
         set_lr(opt, lr)
         rng = step_rng(cfg.seed, "prior", step)
-        idx = rng.sample(draws, cfg.prior_batch)
+        idx = rng.sample(range(len(codes)), cfg.prior_batch)
         # DEVIATION: most one-object captions name the place (paper: captions as they come; README: Deviations)
         captions = [data.caption(data.items[i], rng, cfg.place_phrase) for i in idx]
         text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
@@ -382,7 +379,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     for name, value in asdict(cfg).items():
-        least = 1 if name in ("pool", "log_every", "eval_prompts", "candidates", "pair_weight") or \
+        least = 1 if name in ("pool", "log_every", "eval_prompts", "candidates") or \
             name.endswith("batch") else 0  # counts of things that must exist; every other number may be 0
         if not isinstance(value, (str, bool)) and value < least:
             p.error(f"--{name.replace('_', '-')} must be {'positive' if least else 'at least 0'}, got {value}")
@@ -576,9 +573,6 @@ class Data:
 
     def caption(self, item, rng, say_place=0.5):  # say_place: the Shapes world's share of captions naming a place
         return rng.choice(item)
-
-    def weight(self, item, cfg):  # how many times the prior's draws hold this item
-        return 1
 
     def clip_batch(self, cfg, rng):  # CLIP's (captions, uint8 images (B, 3, H, W)): distinct pictures of the folder
         idx = rng.sample(range(len(self.items)), min(cfg.clip_batch, len(self.items)))
