@@ -424,8 +424,12 @@ class ShapesData:
         if cfg.clip_swaps:
             # DEVIATION: NegCLIP's hard negatives (Yuksekgonul et al. 2022), not the paper's CLIP: captions that
             # differ only in binding, relation or place meet in one batch (README: Deviations)
-            twins = [swapped(*item, rng) if item[1] is not None else moved(item[0][0], rng) if p == 1 and
-                     cfg.clip_moves else None for item, p in zip(items, say)]
+            twins = []  # a pair's twin has its colours, shapes or places swapped; a placed object's, the object moved
+            for item, p in zip(items, say):
+                if item[1] is not None:
+                    twins.append(swapped(*item, rng))
+                elif cfg.clip_moves and p == 1:
+                    twins.append(moved(item[0][0], rng))
             twins = [t for t in twins if t is not None]
             if twins:  # a moved scene's twin differs from it in the place alone: its caption names it too
                 items, say = items + twins, say + [1.0] * len(twins)
