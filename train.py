@@ -22,9 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch.utils.benchmark import Timer
 
 import shapes
 from dalle import (DALLE, ArgumentParser, BPETokenizer, CheckpointError, DALLEConfig, blank_cells, brief, cosine,
@@ -95,16 +94,32 @@ class TrainConfig:
     curve_prompts: int = setting(16, "prompts per group for the reranking curve, 32 candidates each (Fig. 9c)")
 
 # -----------------------------------------------------------------------------
-# The recipe's parts: the optimiser and schedule, each update's random stream, processes, crops, the dVAE's terms
+# The recipe's parts: the optimiser and schedule, each update's random stream, crops, the dVAE's terms
 
 
-def adamw(module, lr, betas, weight_decay, device):
+def adamw(module, lr, betas, weight_decay, device, state):
     """AdamW that decays the weight matrices only, not biases, gains or CLIP's temperature (nanoGPT's rule); fused
-    where torch has the kernel."""
+    where torch has the kernel; with the moments it had where the stage was stopped (state["opt"]), if it was."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cpu", "cuda"))
+    if state.get("opt"):
+        opt.load_state_dict(state["opt"])
+    return opt
+
+
+def update(opt, loss, stage, step, clip=None):
+    """One optimiser step on loss, its gradient norm clipped to clip[1] over the parameters clip[0] if given. A loss
+    that is not finite stops the run before the step, so the last checkpoint is kept."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
+                                 f"Try a lower learning rate or another --seed.")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(*clip)
+    opt.step()
 
 
 def learning_rate(step, steps, peak, end=1.0, warmup=0.0):
@@ -120,33 +135,8 @@ def set_lr(opt, lr):
 
 
 def step_rng(seed, stage, step):
-    """The random stream of one update (its scenes, crops, captions, noise): the same again on --resume, and each
-    process's own under torchrun."""
-    return random.Random(f"{stage} {seed} {step}" + (f" rank {RANK}" if RANK else ""))
-
-
-RANK, WORLD = 0, 1  # this process's rank and the number of processes: torchrun sets them (README: torchrun)
-
-
-def distributed(device):
-    """Join torchrun's process group when there are several processes (gloo on CPU, nccl on CUDA) -> the device
-    this process trains on. Each process draws its own batches; DistributedDataParallel averages the gradients."""
-    global RANK, WORLD
-    RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if WORLD > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def ddp(module, device):
-    """The module whose forward a stage calls: wrapped so that backward averages its gradients over the processes."""
-    if WORLD == 1:
-        return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)  # the buffers (attention masks) never change
+    """The random stream of one update (its scenes, crops, captions, noise): the same again on --resume."""
+    return random.Random(f"{stage} {seed} {step}")
 
 
 def random_crop(rng, images, codes, crop, cell, on_object):
@@ -195,19 +185,12 @@ def choose_blank_code(vae, images):
     return int(vae.encode(images)[blank].mode().values) if blank.any() else -1
 
 
-def check_finite(loss, stage, step):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
-                                 f"Try a lower learning rate or another --seed.")
-
-
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def log(stage, step, steps, losses, knobs, rate, eta_s):
-    if RANK == 0:  # one process speaks for all
-        print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
+    print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
 
 # -----------------------------------------------------------------------------
 # The stages. Each updates state (step, optimiser) with every update, so that a Ctrl-C saves where it stood.
@@ -216,12 +199,9 @@ def log(stage, step, steps, losses, knobs, rate, eta_s):
 def train_dvae(model, data, cfg, device, state):
     """Stage 1 (Sec 2.1, App. A.2): the gumbel-softmax relaxation, tau 1 -> 1/16, the KL weight ramped up to beta."""
     vae, steps, K = model.vae, cfg.dvae_steps, model.config.image_vocab_size
-    opt = adamw(vae, cfg.dvae_lr, (0.9, 0.999), 1e-4, device)  # App. A.2
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
+    opt = adamw(vae, cfg.dvae_lr, (0.9, 0.999), 1e-4, device, state)  # App. A.2
     gen = torch.Generator(device=device)  # the gumbel noise, seeded from each update's stream: the same on --resume
     fixed = to_float(data.images[:64], device)  # (64, 3, H, W): codes in use are counted here, a batch is too small
-    forward = ddp(vae, device)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         rng = step_rng(cfg.seed, "dvae", step)
@@ -232,15 +212,12 @@ def train_dvae(model, data, cfg, device, state):
             images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size, cfg.crop_on_object)
         set_lr(opt, learning_rate(step, steps, cfg.dvae_lr, cfg.dvae_lr_end))
         tau, beta = gumbel_temperature(step, steps * cfg.tau_anneal), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
-        loss, parts = forward(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
-        check_finite(loss, "dvae", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, parts = vae(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
+        update(opt, loss, "dvae", step)
         mse = pixel_mse(images, parts["mu"])
         state["history"]["dvae"].append([step, loss.item(), mse])
         state.update(step=step + 1, opt=opt.state_dict())
-        if RANK == 0 and (step % cfg.log_every == 0 or step == steps - 1):
+        if step % cfg.log_every == 0 or step == steps - 1:
             with torch.no_grad():
                 used = vae.encode(fixed).unique().numel()
             rate = (step + 1 - start) * cfg.dvae_batch / (time.time() - t0)
@@ -257,10 +234,7 @@ def train_decoder(model, data, codes, cfg, device, state):
     argmax codes badly until it has seen them."""
     # DEVIATION: the decoder phase (README: Deviations)
     vae, steps, cell = model.vae, cfg.decoder_steps, model.config.cell_size
-    opt = adamw(vae.decoder, cfg.decoder_lr, (0.9, 0.999), 1e-4, device)
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
-    decoder = ddp(vae.decoder, device)  # vae.decode_soft, made of the decoder's forward
+    opt = adamw(vae.decoder, cfg.decoder_lr, (0.9, 0.999), 1e-4, device, state)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         rng = step_rng(cfg.seed, "decoder", step)
@@ -269,13 +243,10 @@ def train_decoder(model, data, codes, cfg, device, state):
         if cfg.dvae_crop:
             images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell, cfg.crop_on_object)
         one_hot = F.one_hot(batch, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h', w')
-        stats = decoder(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 6, H', W')
+        stats = vae.decoder(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 6, H', W')
         mu, ln_b = stats[:, :3], stats[:, 3:]  # (B, 3, H', W') each, as vae.decode_soft
         loss = recon_term(cfg)(map_pixels(images), mu, ln_b).mean()
-        check_finite(loss, "decoder", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(opt, loss, "decoder", step)
         mse = pixel_mse(images, mu)
         state["history"]["decoder"].append([step, loss.item(), mse])
         state.update(step=step + 1, opt=opt.state_dict())
@@ -289,10 +260,8 @@ def train_decoder(model, data, codes, cfg, device, state):
 def train_prior(model, data, codes, cfg, device, state, out_dir):
     """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout, AdamW (0.9, 0.96)."""
     prior, steps = model.transformer, cfg.prior_steps
-    opt = adamw(prior, cfg.prior_lr, (0.9, 0.96), cfg.weight_decay, device)  # App. B.2
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
-    forward, codes = ddp(prior, device), codes.flatten(1)  # codes (n, T_img)
+    opt = adamw(prior, cfg.prior_lr, (0.9, 0.96), cfg.weight_decay, device, state)  # App. B.2
+    codes = codes.flatten(1)  # (n, T_img)
     tokens = cfg.prior_batch * prior.config.block_size
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
@@ -304,12 +273,8 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
         # DEVIATION: most one-object captions name the place (paper: captions as they come; README: Deviations)
         captions = [data.caption(data.items[i], rng, cfg.place_phrase) for i in idx]
         text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
-        _, losses = forward(text, codes[idx].to(device))
-        check_finite(losses["loss"], "prior", step)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)  # App. B.2
-        opt.step()
+        _, losses = prior(text, codes[idx].to(device))
+        update(opt, losses["loss"], "prior", step, clip=(prior.parameters(), cfg.grad_clip))  # App. B.2
         state["history"]["prior"].append([step, losses["text"].item(), losses["image"].item()])
         state.update(step=step + 1, opt=opt.state_dict())
         if step % cfg.log_every == 0 or step == steps - 1:
@@ -317,7 +282,7 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
             log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
                 f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
                 (steps - step - 1) * tokens / rate)
-        if cfg.sample_every and step and step % cfg.sample_every == 0 and RANK == 0 and data.picture_prompts:
+        if cfg.sample_every and step and step % cfg.sample_every == 0 and data.picture_prompts:
             shapes.write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"))
     state.update(stage="clip", step=0, opt=None)
 
@@ -325,22 +290,16 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
 def train_clip(model, data, cfg, device, state):
     """Stage 3 (Sec 2.6): CLIP's symmetric contrastive loss over (caption, image) pairs, for reranking."""
     clip, steps = model.clip, cfg.clip_steps
-    opt = adamw(clip, cfg.clip_lr, (0.9, 0.999), cfg.clip_weight_decay, device)
-    if state.get("opt"):
-        opt.load_state_dict(state["opt"])
+    opt = adamw(clip, cfg.clip_lr, (0.9, 0.999), cfg.clip_weight_decay, device, state)
     clip.visual.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
-    forward = ddp(clip, device)
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         set_lr(opt, learning_rate(step, steps, cfg.clip_lr, cfg.clip_lr_end, cfg.clip_warmup))
         rng = step_rng(cfg.seed, "clip", step)
         captions, images = data.clip_batch(cfg, rng)  # the Shapes world's bring hard negatives
         text = model.tokenize(captions)  # (B', T_txt)
-        loss = forward(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
-        check_finite(loss, "clip", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = clip(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
+        update(opt, loss, "clip", step)
         state["history"]["clip"].append([step, loss.item()])
         state.update(step=step + 1, opt=opt.state_dict())
         if step % cfg.log_every == 0 or step == steps - 1:
@@ -433,8 +392,7 @@ def start(cfg, args, data, device):
     if args.resume:
         path = os.path.join(args.out_dir, "dalle.pt")
         model, ckpt = load_or_exit(path, device, "cannot resume")
-        if RANK == 0:
-            print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
+        print(f"resuming {path} at stage {ckpt['stage']}, step {ckpt['step']}")
         return model, {"stage": ckpt["stage"], "step": ckpt["step"], "opt": ckpt.get("opt"),
                        "blank_code": model.blank_code, "history": ckpt.get("history") or history,
                        "seconds": ckpt.get("seconds") or {}}
@@ -465,7 +423,7 @@ def encode_pool(model, images_u8, device, batch=16):  # on 2 CPU threads, 16 at 
 def main(argv=None):
     cfg, args = parse_args(argv)
     try:
-        device = distributed(pick_device(args.device))  # under torchrun: this process's rank, device and group
+        device = pick_device(args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.benchmark:
@@ -488,17 +446,15 @@ def main(argv=None):
     model.train()
     model.vae.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
     c = model.config
-    if RANK == 0:
-        print(f"device {device}, {torch.get_num_threads()} threads" + (f", {WORLD} processes" if WORLD > 1 else "")
-              + f" | dVAE {n_params(model.vae) / 1e6:.2f}M, transformer {n_params(model.transformer) / 1e6:.2f}M, "
-              f"CLIP {n_params(model.clip) / 1e6:.2f}M params | {c.image_size}px -> {c.grid_size}x{c.grid_size} codes "
-              f"of K={c.image_vocab_size}, text {c.text_seq_len} tokens (BPE vocab {len(model.tokenizer.vocab)})")
+    print(f"device {device}, {torch.get_num_threads()} threads | dVAE {n_params(model.vae) / 1e6:.2f}M, transformer "
+          f"{n_params(model.transformer) / 1e6:.2f}M, CLIP {n_params(model.clip) / 1e6:.2f}M params | {c.image_size}px "
+          f"-> {c.grid_size}x{c.grid_size} codes of K={c.image_vocab_size}, text {c.text_seq_len} tokens (BPE vocab "
+          f"{len(model.tokenizer.vocab)})")
 
     def save():  # the recipe travels with the weights as plain data: the settings, the losses, the stage times
         model.blank_code = state["blank_code"]
-        if RANK == 0:  # every process holds the same weights; one writes them
-            model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"),
-                       train=asdict(cfg), history=state["history"], seconds=state.get("seconds", {}))
+        model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"),
+                   train=asdict(cfg), history=state["history"], seconds=state.get("seconds", {}))
 
     def timed(stage, fn):  # fn's wall time goes to state["seconds"][stage], the report's stage times
         t0 = time.time()
@@ -515,8 +471,7 @@ def main(argv=None):
         if state["stage"] == "decoder":  # 1b. its decoder on the frozen encoder's codes
             timed("decoder", lambda: train_decoder(model, data, codes, cfg, device, state))
             save()
-            if RANK == 0:
-                shapes.write_recon(model, data, device, out("dvae_recon.png"))
+            shapes.write_recon(model, data, device, out("dvae_recon.png"))
         if state["stage"] == "prior":  # 2. the prior on [caption | codes]
             timed("prior", lambda: train_prior(model, data, codes, cfg, device, state, args.out_dir))
             save()
@@ -525,17 +480,12 @@ def main(argv=None):
             save()
     except KeyboardInterrupt:
         save()
-        if RANK == 0:
-            print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
+        print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
                   f"continue with the same command and --resume")
         sys.exit(130)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if WORLD > 1:
-        dist.destroy_process_group()
-    if RANK > 0:
-        return
     print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
     t_report = time.time()
     if held_out is None:  # the Shapes world's report: what the samples show, read back by its checker
@@ -545,7 +495,7 @@ def main(argv=None):
         lines = folder_report(model, cfg, data, held_out, codes, device, out)
     shapes.draw_losses(state["history"], out("loss_curves.png"))
     steps = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
-    parts = []  # each stage's wall time and updates a second, this process's and the runs' it resumed
+    parts = []  # each stage's wall time and updates a second, this run's and those of the runs it resumed
     for stage, s in state.get("seconds", {}).items():
         n = steps.get(stage)
         parts.append(f"{stage} {fmt_time(s)}" + (f", {n} updates, {n / s:.1f}/s" if n and s else ""))
@@ -639,10 +589,10 @@ def load_folder(folder, size, holdout, cfg):
         else:
             items.append(captions[name])
             images.append(image)
-    if len(items) < len(captions) and RANK == 0:
+    if len(items) < len(captions):
         skipped = len(captions) - len(items)
         print(f"warning: skipped {skipped} unreadable image{'s' * (skipped > 1)} of {len(captions)}", file=sys.stderr)
-    if len(names) > len(captions) and RANK == 0:
+    if len(names) > len(captions):
         print(f"note: {len(names) - len(captions)} images of {folder} have no caption and are not used",
               file=sys.stderr)
     order = list(range(len(items)))
@@ -688,30 +638,15 @@ def benchmark(device):
     vocab, n_embd 256, 4 layers, 8 heads; an AdamW step of the prior at batch 32, and 16 images generated."""
     c = DALLEConfig(text_seq_len=32, text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
     tokenizer = BPETokenizer()
-    tokenizer.train(" ".join(shapes.caption(*shapes.random_scene(random.Random(i)), random.Random(i))
-                             for i in range(500)), 1024)
+    tokenizer.train(shapes.make_pool(500, 0).corpus(random.Random(0)), 1024)
     model = DALLE(c, tokenizer).to(device)
-    text = torch.randint(0, c.text_vocab_size, (32, c.text_seq_len), device=device)
-    codes = torch.randint(0, c.image_vocab_size, (32, c.image_seq_len), device=device)
+    text = torch.randint(0, c.text_vocab_size, (32, c.text_seq_len), device=device)  # (32, T_txt)
+    codes = torch.randint(0, c.image_vocab_size, (32, c.image_seq_len), device=device)  # (32, T_img)
     opt = torch.optim.AdamW(model.transformer.parameters(), lr=1e-4)
 
-    def train_step():
-        _, losses = model.transformer(text, codes)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
-    def seconds(fn, repeats=10):  # a warm-up call, then the mean of `repeats`
-        fn()
-        sync()
-        t0 = time.time()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.time() - t0) / repeats
-    step = seconds(train_step)
+    def seconds(fn):  # the mean of 10 calls after two to warm up; torch's Timer waits for a GPU to finish
+        return Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(10).mean
+    step = seconds(lambda: update(opt, model.transformer(text, codes)[1]["loss"], "benchmark", 0))
     model.eval()
     gen = seconds(lambda: model.generate(["a red circle above a blue square"], n=16, keep=16))
     print(f"benchmark on {device} ({torch.get_num_threads()} threads): training step at batch 32 {step:.3f} s = "
