@@ -405,8 +405,7 @@ PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above 
 class ShapesData:
     """The Shapes world's training pool, what train.py's stages draw from: uint8 images (n, 3, 64, 64), rendered
     once, and an item per image, its scene (objects, relation). train.Data serves a folder of pictures the same way;
-    the Shapes world adds what its scenes allow: CLIP's twins and broken copies, and a checker."""
-    picture_prompts = PICTURE_PROMPTS
+    the Shapes world adds what its scenes allow: CLIP's twins and broken copies."""
 
     def __init__(self, items, images):
         self.items, self.images = items, images
@@ -445,9 +444,6 @@ class ShapesData:
 
     def corpus(self, rng):
         return "\n".join(caption(*item, rng) for item in self.items[:5000])
-
-    def judge(self, prompts, images):
-        return judge_all(prompts, images)["all"]
 
 
 def make_pool(n, seed):
@@ -672,16 +668,15 @@ def draw_losses(history, path):
 
 
 @torch.no_grad()
-def write_samples(model, data, path, n=8, keep=4):
-    """The best `keep` of n candidates for each of the data's picture prompts, a row each under its prompt, with
-    CLIP's score and, where the data has a checker, its verdict under each picture."""
+def write_samples(model, path, n=8, keep=4):
+    """The best `keep` of n candidates for each of PICTURE_PROMPTS, a row each under its prompt, with CLIP's score and
+    the checker's verdict under each picture."""
     model.eval()
-    prompts = data.picture_prompts
-    images, scores, _ = model.generate(prompts, n=n, keep=keep, seed=0)  # (P, keep, 3, H, W)
-    right = data.judge(prompts, images)  # (P, keep) or None
-    verdict = lambda p, k: "" if right is None else " right" if right[p, k] else " wrong"  # noqa: E731
-    labelled_rows([(f'"{prompt}"', pictures, [f"{s:.3f}{verdict(p, k)}" for k, s in enumerate(row)])
-                   for p, (prompt, pictures, row) in enumerate(zip(prompts, images, scores.tolist()))],
+    images, scores, _ = model.generate(PICTURE_PROMPTS, n=n, keep=keep, seed=0)  # (P, keep, 3, H, W)
+    right = judge_all(PICTURE_PROMPTS, images)["all"]  # (P, keep)
+    labelled_rows([(f'"{prompt}"', pictures, [f"{s:.3f} {'right' if right[p, k] else 'wrong'}"
+                                              for k, s in enumerate(row)])
+                   for p, (prompt, pictures, row) in enumerate(zip(PICTURE_PROMPTS, images, scores.tolist()))],
                   scale=3).save(path)
     model.train()
 

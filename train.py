@@ -44,7 +44,6 @@ class TrainConfig:
     seed: int = setting(0, "same seed, same run")
     pool: int = setting(8000, "scenes rendered once for training; their captions are drawn afresh at each use")
     log_every: int = setting(500, "updates between progress lines")
-    sample_every: int = setting(1000, "prior updates between sample grids (0: never)")
     # stage 1, the dVAE (Sec 2.1, App. A.2)
     dvae_steps: int = setting(2500, "relaxed updates (paper: 3M)")
     dvae_batch: int = setting(8, "images per update (paper: 512): on a CPU, more small updates win")
@@ -58,7 +57,6 @@ class TrainConfig:
     # DEVIATION: tau anneals over all the relaxed updates, not only the paper's first 150k of 3M (README: Deviations)
     tau_anneal: float = setting(1.0, "share of the relaxed updates over which tau anneals 1 -> 1/16 (paper: 150k/3M)")
     dvae_crop: int = setting(32, "updates see a random crop this wide, in whole cells (0: whole images, the paper's)")
-    crop_on_object: bool = setting(True, "each image's crop holds a cell it draws on (else one crop anywhere a batch)")
     logit_scale: float = setting(3.0, "the encoder's output conv starts at this many times openai's init")
     codebook_scale: float = setting(5.0, "the decoder's codebook conv likewise")
     # stage 1b, the decoder on the codes the prior will hand it (not in the paper)
@@ -74,8 +72,7 @@ class TrainConfig:
     weight_decay: float = setting(4.5e-2, "the prior's AdamW weight decay (paper: 4.5e-2)")
     grad_clip: float = setting(4.0, "gradient norm clip (paper: 4)")
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
-    place_phrase: float = setting(0.9, "share of the prior's and CLIP's one-object captions that name the object's "
-                                  "place (the report's: half)")
+    place_phrase: float = setting(0.9, "share of one-object training captions that name the place (the report's: half)")
     # stage 3, CLIP (Sec 2.6)
     clip_steps: int = setting(1200, "updates")
     clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin and broken copy")
@@ -84,10 +81,8 @@ class TrainConfig:
     clip_weight_decay: float = setting(0.1, "CLIP's AdamW weight decay")
     clip_warmup: float = setting(0.1, "share of the updates that warm the lr up: without it CLIP can sit at chance")
     clip_swaps: bool = setting(True, "each two-object scene brings its swapped twin as a hard negative (NegCLIP's)")
-    clip_moves: bool = setting(True, "each one-object scene whose caption names its place brings the same object "
-                               "where that place does not hold, as a hard negative")
-    clip_broken: float = setting(1.0, "share of a batch's scenes that bring a broken copy, cells of one object drawn "
-                                 "as another shape or colour, as a hard negative")
+    clip_moves: bool = setting(True, "a caption naming a place brings its object moved off it as a hard negative")
+    clip_broken: float = setting(1.0, "share of scenes with a broken copy (an object partly another kind), likewise")
     # the report (shapes.report)
     eval_prompts: int = setting(96, "report prompts per group: one prompt moves a figure by about a point")
     candidates: int = setting(8, "candidates per report prompt, reranked by CLIP (paper: 512)")
@@ -109,9 +104,10 @@ def adamw(module, lr, betas, weight_decay, device, state):
     return opt
 
 
-def update(opt, loss, stage, step, clip=None):
-    """One optimiser step on loss, its gradient norm clipped to clip[1] over the parameters clip[0] if given. A loss
-    that is not finite stops the run before the step, so the last checkpoint is kept."""
+def update(opt, loss, state, stage, step, logged, clip=None):
+    """One optimiser step on loss, its gradient norm clipped to clip[1] over the parameters clip[0] if given; then
+    state moves on (the step, the optimiser, the losses logged for the curves), so a Ctrl-C saves where it stood. A
+    loss that is not finite stops the run before the step, so the last checkpoint is kept."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage} loss became {loss.item()} at step {step}; the last checkpoint is kept. "
                                  f"Try a lower learning rate or another --seed.")
@@ -120,6 +116,8 @@ def update(opt, loss, stage, step, clip=None):
     if clip:
         torch.nn.utils.clip_grad_norm_(*clip)
     opt.step()
+    state["history"][stage].append([step] + logged)
+    state.update(step=step + 1, opt=opt.state_dict())
 
 
 def learning_rate(step, steps, peak, end=1.0, warmup=0.0):
@@ -139,27 +137,12 @@ def step_rng(seed, stage, step):
     return random.Random(f"{stage} {seed} {step}")
 
 
-def random_crop(rng, images, codes, crop, cell, on_object):
-    """A random crop of whole cells, crop pixels wide, from images (B, 3, H, W) in [0, 1] and, if given, their codes
-    (B, h, w). on_object: each image its own crop, around a cell it draws on (one at random), as a crop of black cells
-    teaches nothing; else one crop, anywhere, for the whole batch."""
-    n = crop // cell  # cells along a side
-    if not on_object:
-        r, c = (rng.randrange((images.shape[2] - crop) // cell + 1) for _ in range(2))
-        images = images[:, :, r * cell:r * cell + crop, c * cell:c * cell + crop]  # (B, 3, crop, crop)
-        return images, None if codes is None else codes[:, r:r + n, c:c + n]
-    drawn = ~blank_cells(images, cell)  # (B, h, w)
-    h, w = drawn.shape[1:]
-    corners = []  # each crop's top-left cell: a window of n x n cells inside the grid that holds the chosen cell
-    for cells in drawn:
-        y, x = rng.choice(cells.nonzero().tolist() or [[rng.randrange(h), rng.randrange(w)]])
-        corners.append((rng.randrange(max(0, y - n + 1), min(y, h - n) + 1),
-                        rng.randrange(max(0, x - n + 1), min(x, w - n) + 1)))
-    images = torch.stack([im[:, r * cell:(r + n) * cell, c * cell:(c + n) * cell]
-                          for im, (r, c) in zip(images, corners)])  # (B, 3, crop, crop)
-    if codes is not None:
-        codes = torch.stack([cd[r:r + n, c:c + n] for cd, (r, c) in zip(codes, corners)])  # (B, n, n)
-    return images, codes
+def random_crop(rng, images, codes, crop, cell):
+    """One random crop of whole cells, crop pixels wide, for a batch of images (B, 3, H, W) and, if given, their
+    codes (B, h, w)."""
+    r, c, n = *(rng.randrange((images.shape[2] - crop) // cell + 1) for _ in range(2)), crop // cell
+    images = images[:, :, r * cell:r * cell + crop, c * cell:c * cell + crop]  # (B, 3, crop, crop)
+    return images, None if codes is None else codes[:, r:r + n, c:c + n]  # (B, n, n)
 
 
 def squared_error(x, mu, ln_b):
@@ -189,11 +172,14 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def log(stage, step, steps, losses, knobs, rate, eta_s):
-    print(f"{stage:<7} {step + 1:5d}/{steps} | {losses} | {knobs} | {rate} | eta {fmt_time(eta_s)}", flush=True)
+def log(stage, step, steps, t0, start, batch, unit, *parts):
+    """A progress line: the update, its parts (losses, knobs), the speed since the stage (re)started, the time left."""
+    rate = (step + 1 - start) * batch / (time.time() - t0)  # units (images, tokens) a second
+    print(f"{stage:<7} {step + 1:5d}/{steps} | " + " | ".join(parts) + f" | {rate:6.0f} {unit}/s | eta "
+          f"{fmt_time((steps - step - 1) * batch / rate)}", flush=True)
 
 # -----------------------------------------------------------------------------
-# The stages. Each updates state (step, optimiser) with every update, so that a Ctrl-C saves where it stood.
+# The stages, each a loop of updates from state["step"] on, so that a stopped run goes on where it stood.
 
 
 def train_dvae(model, data, cfg, device, state):
@@ -207,23 +193,19 @@ def train_dvae(model, data, cfg, device, state):
         rng = step_rng(cfg.seed, "dvae", step)
         gen.manual_seed(rng.randrange(2 ** 62))
         images = to_float(data.images[rng.sample(range(len(data.images)), cfg.dvae_batch)], device)  # (B, 3, H, W)
-        # DEVIATION: a random crop of whole cells, around a drawn one: the nets are convolutional (README)
+        # DEVIATION: a random crop of whole cells: the nets are convolutional (README)
         if cfg.dvae_crop:
-            images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size, cfg.crop_on_object)
+            images, _ = random_crop(rng, images, None, cfg.dvae_crop, model.config.cell_size)
         set_lr(opt, learning_rate(step, steps, cfg.dvae_lr, cfg.dvae_lr_end))
         tau, beta = gumbel_temperature(step, steps * cfg.tau_anneal), kl_weight(step, steps * cfg.beta_ramp, cfg.beta)
         loss, parts = vae(images.contiguous(memory_format=torch.channels_last), tau, beta, gen, recon_term(cfg))
-        update(opt, loss, "dvae", step)
         mse = pixel_mse(images, parts["mu"])
-        state["history"]["dvae"].append([step, loss.item(), mse])
-        state.update(step=step + 1, opt=opt.state_dict())
+        update(opt, loss, state, "dvae", step, [loss.item(), mse])
         if step % cfg.log_every == 0 or step == steps - 1:
             with torch.no_grad():
                 used = vae.encode(fixed).unique().numel()
-            rate = (step + 1 - start) * cfg.dvae_batch / (time.time() - t0)
-            log("dvae", step, steps, f"loss {loss.item():7.4f} mse {mse:.4f} kl {parts['kl'].item():5.2f}",
-                f"tau {tau:.3f} beta {beta:.2f} | codes {used:3d}/{K}", f"{rate:6.0f} img/s",
-                (steps - step - 1) * cfg.dvae_batch / rate)
+            log("dvae", step, steps, t0, start, cfg.dvae_batch, "img", f"loss {loss.item():7.4f} mse {mse:.4f} kl "
+                f"{parts['kl'].item():5.2f}", f"tau {tau:.3f} beta {beta:.2f}", f"codes {used:3d}/{K}")
     # the encoder is frozen from here on: the codes of blank cells are one code from now on (README: Deviations)
     state.update(stage="decoder", step=0, opt=None, blank_code=choose_blank_code(vae, fixed))
 
@@ -241,28 +223,24 @@ def train_decoder(model, data, codes, cfg, device, state):
         idx = rng.sample(range(len(codes)), cfg.decoder_batch)
         images, batch = to_float(data.images[idx], device), codes[idx].to(device)  # (B, 3, H, W), (B, h, w)
         if cfg.dvae_crop:
-            images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell, cfg.crop_on_object)
+            images, batch = random_crop(rng, images, batch, cfg.dvae_crop, cell)
         one_hot = F.one_hot(batch, vae.config.image_vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h', w')
         stats = vae.decoder(one_hot.contiguous(memory_format=torch.channels_last))  # (B, 6, H', W')
         mu, ln_b = stats[:, :3], stats[:, 3:]  # (B, 3, H', W') each, as vae.decode_soft
         loss = recon_term(cfg)(map_pixels(images), mu, ln_b).mean()
-        update(opt, loss, "decoder", step)
         mse = pixel_mse(images, mu)
-        state["history"]["decoder"].append([step, loss.item(), mse])
-        state.update(step=step + 1, opt=opt.state_dict())
+        update(opt, loss, state, "decoder", step, [loss.item(), mse])
         if step % cfg.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * cfg.decoder_batch / (time.time() - t0)
-            log("decoder", step, steps, f"loss {loss.item():7.4f} mse {mse:.4f}", f"lr {cfg.decoder_lr:.2e}",
-                f"{rate:6.0f} img/s", (steps - step - 1) * cfg.decoder_batch / rate)
+            log("decoder", step, steps, t0, start, cfg.decoder_batch, "img", f"loss {loss.item():7.4f} mse {mse:.4f}",
+                f"lr {cfg.decoder_lr:.2e}")
     state.update(stage="prior", step=0, opt=None)
 
 
-def train_prior(model, data, codes, cfg, device, state, out_dir):
+def train_prior(model, data, codes, cfg, device, state):
     """Stage 2 (Sec 2.2, App. B.2): cross-entropy, 1/8 text + 7/8 image, BPE dropout, AdamW (0.9, 0.96)."""
     prior, steps = model.transformer, cfg.prior_steps
     opt = adamw(prior, cfg.prior_lr, (0.9, 0.96), cfg.weight_decay, device, state)  # App. B.2
     codes = codes.flatten(1)  # (n, T_img)
-    tokens = cfg.prior_batch * prior.config.block_size
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         # DEVIATION: warm-up, then a cosine (paper: 5,000 updates of warm-up, then decay on plateaus)
@@ -274,16 +252,12 @@ def train_prior(model, data, codes, cfg, device, state, out_dir):
         captions = [data.caption(data.items[i], rng, cfg.place_phrase) for i in idx]
         text = model.tokenize(captions, dropout=cfg.bpe_dropout, rng=rng)  # (B, T_txt); Sec 2.2 fn. 5
         _, losses = prior(text, codes[idx].to(device))
-        update(opt, losses["loss"], "prior", step, clip=(prior.parameters(), cfg.grad_clip))  # App. B.2
-        state["history"]["prior"].append([step, losses["text"].item(), losses["image"].item()])
-        state.update(step=step + 1, opt=opt.state_dict())
+        update(opt, losses["loss"], state, "prior", step, [losses["text"].item(), losses["image"].item()],
+               clip=(prior.parameters(), cfg.grad_clip))  # App. B.2
         if step % cfg.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * tokens / (time.time() - t0)
-            log("prior", step, steps, f"loss {losses['loss'].item():6.3f} text {losses['text'].item():6.3f} "
-                f"image {losses['image'].item():6.3f}", f"lr {lr:.2e}", f"{rate:6.0f} tok/s",
-                (steps - step - 1) * tokens / rate)
-        if cfg.sample_every and step and step % cfg.sample_every == 0 and data.picture_prompts:
-            shapes.write_samples(model, data, os.path.join(out_dir, f"samples_{step:05d}.png"))
+            log("prior", step, steps, t0, start, cfg.prior_batch * prior.config.block_size, "tok", f"loss "
+                f"{losses['loss'].item():6.3f} text {losses['text'].item():6.3f} image {losses['image'].item():6.3f}",
+                f"lr {lr:.2e}")
     state.update(stage="clip", step=0, opt=None)
 
 
@@ -299,13 +273,10 @@ def train_clip(model, data, cfg, device, state):
         captions, images = data.clip_batch(cfg, rng)  # the Shapes world's bring hard negatives
         text = model.tokenize(captions)  # (B', T_txt)
         loss = clip(text, to_float(images, device).contiguous(memory_format=torch.channels_last))
-        update(opt, loss, "clip", step)
-        state["history"]["clip"].append([step, loss.item()])
-        state.update(step=step + 1, opt=opt.state_dict())
+        update(opt, loss, state, "clip", step, [loss.item()])
         if step % cfg.log_every == 0 or step == steps - 1:
-            rate = (step + 1 - start) * cfg.clip_batch / (time.time() - t0)
-            log("clip", step, steps, f"loss {loss.item():6.3f}", f"temp {1 / clip.logit_scale.exp().item():.4f}",
-                f"{rate:6.0f} img/s", (steps - step - 1) * cfg.clip_batch / rate)
+            log("clip", step, steps, t0, start, cfg.clip_batch, "img", f"loss {loss.item():6.3f}",
+                f"temp {1 / clip.logit_scale.exp().item():.4f}")
     state.update(stage="done", step=0, opt=None)
 
 # -----------------------------------------------------------------------------
@@ -408,9 +379,9 @@ def start(cfg, args, data, device):
         model.vae, model.blank_code = old.vae, old.blank_code
         history.update({k: (ckpt.get("history") or history)[k] for k in ("dvae", "decoder")})
         print(f"the dVAE and tokenizer of {args.dvae_from}; the prior and CLIP start afresh")
-        return model, {"stage": "prior", "step": 0, "blank_code": old.blank_code, "history": history}
+        return model, {"stage": "prior", "step": 0, "blank_code": old.blank_code, "history": history, "seconds": {}}
     return build_model(cfg, data, args.config).to(device), {"stage": "dvae", "step": 0, "blank_code": -1,
-                                                            "history": history}
+                                                            "history": history, "seconds": {}}
 
 
 @torch.no_grad()
@@ -454,13 +425,12 @@ def main(argv=None):
     def save():  # the recipe travels with the weights as plain data: the settings, the losses, the stage times
         model.blank_code = state["blank_code"]
         model.save(out("dalle.pt"), step=state["step"], stage=state["stage"], opt=state.get("opt"),
-                   train=asdict(cfg), history=state["history"], seconds=state.get("seconds", {}))
+                   train=asdict(cfg), history=state["history"], seconds=state["seconds"])
 
     def timed(stage, fn):  # fn's wall time goes to state["seconds"][stage], the report's stage times
         t0 = time.time()
         result = fn()
-        seconds = state.setdefault("seconds", {})
-        seconds[stage] = seconds.get(stage, 0.0) + time.time() - t0
+        state["seconds"][stage] = state["seconds"].get(stage, 0.0) + time.time() - t0
         return result
     try:
         if state["stage"] == "dvae":  # 1. the dVAE on pixels
@@ -473,7 +443,7 @@ def main(argv=None):
             save()
             shapes.write_recon(model, data, device, out("dvae_recon.png"))
         if state["stage"] == "prior":  # 2. the prior on [caption | codes]
-            timed("prior", lambda: train_prior(model, data, codes, cfg, device, state, args.out_dir))
+            timed("prior", lambda: train_prior(model, data, codes, cfg, device, state))
             save()
         if state["stage"] == "clip":  # 3. CLIP on (caption, image) pairs
             timed("clip", lambda: train_clip(model, data, cfg, device, state))
@@ -481,7 +451,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         save()
         print(f"\ninterrupted: saved {out('dalle.pt')} at stage {state['stage']}, step {state['step']}; "
-                  f"continue with the same command and --resume")
+              f"continue with the same command and --resume")
         sys.exit(130)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -489,16 +459,14 @@ def main(argv=None):
     print(f"training done in {fmt_time(time.time() - t_start)}; checkpoint {out('dalle.pt')}")
     t_report = time.time()
     if held_out is None:  # the Shapes world's report: what the samples show, read back by its checker
-        shapes.write_samples(model, data, out("final.png"))
+        shapes.write_samples(model, out("final.png"))
         lines = shapes.report(model, cfg, data, codes, device, out)
     else:
         lines = folder_report(model, cfg, data, held_out, codes, device, out)
     shapes.draw_losses(state["history"], out("loss_curves.png"))
-    steps = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
-    parts = []  # each stage's wall time and updates a second, this run's and those of the runs it resumed
-    for stage, s in state.get("seconds", {}).items():
-        n = steps.get(stage)
-        parts.append(f"{stage} {fmt_time(s)}" + (f", {n} updates, {n / s:.1f}/s" if n and s else ""))
+    n = {"dvae": cfg.dvae_steps, "decoder": cfg.decoder_steps, "prior": cfg.prior_steps, "clip": cfg.clip_steps}
+    parts = [f"{stage} {fmt_time(s)}" + (f", {n[stage]} updates, {n[stage] / s:.1f}/s" if n.get(stage) and s else "")
+             for stage, s in state["seconds"].items()]  # each stage's time, this run's and those of runs it resumed
     lines += [f"time on {device} ({torch.get_num_threads()} threads): " + " | ".join(parts)
               + f" | report {fmt_time(time.time() - t_report)}", f"total time {fmt_time(time.time() - t_start)}"]
     with open(out("report.txt"), "w") as f:
@@ -516,8 +484,6 @@ class Data:
     which one is drawn at each use (the paper's images have several). shapes.ShapesData is the same for the Shapes
     world."""
 
-    picture_prompts = []  # captions to draw as the prior trains (train_prior's sample_every)
-
     def __init__(self, items, images):
         self.items, self.images = items, images
 
@@ -531,10 +497,6 @@ class Data:
     def corpus(self, rng):  # the text the BPE is trained on
         return "\n".join(c for item in self.items for c in item)
 
-    def judge(self, prompts, images):  # which pictures (P, N, 3, H, W) show their prompt, (P, N) bools, if known
-        return None
-
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -543,21 +505,9 @@ class FolderError(Exception):
 
 
 def read_captions(folder, names):
-    """-> {image file name: [captions]}: from captions.tsv (file<TAB>caption lines) if the folder has one, else from
-    each image's x.txt beside it (one caption a line). A caption for an image that is not there is an error."""
-    captions, tsv = {}, os.path.join(folder, "captions.tsv")
-    if os.path.isfile(tsv):
-        with open(tsv, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                name, tab, text = line.rstrip("\n").partition("\t")
-                if not tab or not text.strip():
-                    raise FolderError(f"{tsv} line {number} is not file<TAB>caption: {line.strip()[:60]!r}")
-                if name not in names:
-                    raise FolderError(f"{tsv} line {number} names {name}, which is not an image in {folder}")
-                captions.setdefault(name, []).append(text.strip())
-        return captions
+    """-> {image file name: [captions]}, from each image's x.txt beside it, one caption a line (DALLE-pytorch's
+    layout). A caption file without its image is an error."""
+    captions = {}
     for txt in sorted(f for f in os.listdir(folder) if f.endswith(".txt")):
         image = next((txt[:-4] + ext for ext in IMAGE_EXTENSIONS if txt[:-4] + ext in names), None)
         if image is None:
@@ -579,19 +529,14 @@ def load_folder(folder, size, holdout, cfg):
         raise FolderError(f"{folder} holds no images (.png, .jpg): nothing to train on")
     captions = read_captions(folder, set(names))
     if not captions:
-        raise FolderError(f"{folder} has {len(names)} images but no captions: put each image's in x.txt beside "
-                          f"x.png, or all of them in captions.tsv (file<TAB>caption)")
-    items, images = [], []
-    for name in sorted(captions):
-        image = read_image(os.path.join(folder, name), size)
-        if image is None:
-            print(f"warning: cannot read {os.path.join(folder, name)}: skipped", file=sys.stderr)
-        else:
-            items.append(captions[name])
-            images.append(image)
-    if len(items) < len(captions):
-        skipped = len(captions) - len(items)
-        print(f"warning: skipped {skipped} unreadable image{'s' * (skipped > 1)} of {len(captions)}", file=sys.stderr)
+        raise FolderError(f"{folder} has {len(names)} images but no captions: put each image's in x.txt beside x.png")
+    read = {name: read_image(os.path.join(folder, name), size) for name in sorted(captions)}  # None: unreadable
+    skipped = [name for name, image in read.items() if image is None]
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)} of {len(captions)}: "
+              f"{', '.join(skipped[:5])}{' ...' * (len(skipped) > 5)}", file=sys.stderr)
+    items = [captions[name] for name, image in read.items() if image is not None]
+    images = [image for image in read.values() if image is not None]
     if len(names) > len(captions):
         print(f"note: {len(names) - len(captions)} images of {folder} have no caption and are not used",
               file=sys.stderr)
@@ -604,7 +549,6 @@ def load_folder(folder, size, holdout, cfg):
                           f"({need}): add pictures, or lower --holdout and the --*-batch settings")
     data = Data([items[i] for i in keep], torch.stack([images[i] for i in keep]))
     held_out = Data([items[i] for i in held], torch.stack([images[i] for i in held]) if held else None)
-    data.picture_prompts = [item[0] for item in held_out.items[:4]]
     return data, held_out
 
 
