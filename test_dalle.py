@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import fields, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1000,6 +1001,26 @@ def test_settings_keep_the_papers_values_or_name_them(tmp_path, monkeypatch):
     train.main(TINY_RUN + ["--dvae-steps", "1", "--decoder-steps", "1", "--prior-steps", "1", "--clip-steps", "1",
                            "--eval-prompts", "1", "--curve-prompts", "0", "--out-dir", str(tmp_path)])
     assert made[0] == ((0.9, 0.999), 1e-4) and made[2] == ((0.9, 0.96), 4.5e-2)  # dVAE, decoder, prior, CLIP
+
+
+def test_benchmark_trains_a_step_and_generates_at_the_reference_config(monkeypatch, capsys):
+    """--benchmark builds DALLE-pytorch's reference config, takes an update of its prior and draws 16 pictures, and
+    prints both times (here the timer calls each once: the figures are the benchmark's job, not a test's). Tried
+    against an update called with the arguments of another signature: fails here."""
+    calls = []
+
+    class Once:  # torch's Timer, calling fn once
+        def __init__(self, stmt, globals, num_threads):
+            self.fn = globals["fn"]
+
+        def timeit(self, number):
+            calls.append(self.fn())
+            return SimpleNamespace(mean=0.5)
+    monkeypatch.setattr(train, "Timer", Once)
+    train.main(["--benchmark"])
+    out = capsys.readouterr().out
+    assert len(calls) == 2 and calls[1][0].shape == (1, 16, 3, 64, 64)  # (prompts, pictures, 3, H, W)
+    assert "training step at batch 32 0.500 s" in out and "16 images generated, decoded and scored 0.500 s" in out
 
 
 def test_help_prints_every_flag(capsys):

@@ -244,8 +244,7 @@ def train_prior(model, data, codes, cfg, device, state):
     t0, start = time.time(), state.get("step", 0)
     for step in range(start, steps):
         # DEVIATION: warm-up, then a cosine (paper: 5,000 updates of warm-up, then decay on plateaus)
-        lr = learning_rate(step, steps, cfg.prior_lr, cfg.prior_lr_end, cfg.prior_warmup)
-        set_lr(opt, lr)
+        set_lr(opt, learning_rate(step, steps, cfg.prior_lr, cfg.prior_lr_end, cfg.prior_warmup))
         rng = step_rng(cfg.seed, "prior", step)
         idx = rng.sample(range(len(codes)), cfg.prior_batch)
         # DEVIATION: most one-object captions name the place (paper: captions as they come; README: Deviations)
@@ -257,7 +256,7 @@ def train_prior(model, data, codes, cfg, device, state):
         if step % cfg.log_every == 0 or step == steps - 1:
             log("prior", step, steps, t0, start, cfg.prior_batch * prior.config.block_size, "tok", f"loss "
                 f"{losses['loss'].item():6.3f} text {losses['text'].item():6.3f} image {losses['image'].item():6.3f}",
-                f"lr {lr:.2e}")
+                f"lr {opt.param_groups[0]['lr']:.2e}")
     state.update(stage="clip", step=0, opt=None)
 
 
@@ -580,17 +579,16 @@ def folder_report(model, cfg, data, held_out, codes, device, out):
 def benchmark(device):
     """Speed at DALLE-pytorch's reference config (README: Speed): 64 px, 8x8 codes, K 512, text 32 tokens of a 1024
     vocab, n_embd 256, 4 layers, 8 heads; an AdamW step of the prior at batch 32, and 16 images generated."""
-    c = DALLEConfig(text_seq_len=32, text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
-    tokenizer = BPETokenizer()
-    tokenizer.train(shapes.make_pool(500, 0).corpus(random.Random(0)), 1024)
-    model = DALLE(c, tokenizer).to(device)
+    sizes = dict(text_seq_len=32, text_vocab_size=1024, n_embd=256, n_head=8, n_layer=4)
+    model, c = build_model(TrainConfig(), shapes.make_pool(500, 0), sizes).to(device), DALLEConfig(**sizes)
     text = torch.randint(0, c.text_vocab_size, (32, c.text_seq_len), device=device)  # (32, T_txt)
     codes = torch.randint(0, c.image_vocab_size, (32, c.image_seq_len), device=device)  # (32, T_img)
     opt = torch.optim.AdamW(model.transformer.parameters(), lr=1e-4)
 
     def seconds(fn):  # the mean of 10 calls after two to warm up; torch's Timer waits for a GPU to finish
         return Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).timeit(10).mean
-    step = seconds(lambda: update(opt, model.transformer(text, codes)[1]["loss"], "benchmark", 0))
+    state = {"history": {"benchmark": []}}  # update's bookkeeping, unused here
+    step = seconds(lambda: update(opt, model.transformer(text, codes)[1]["loss"], state, "benchmark", 0, []))
     model.eval()
     gen = seconds(lambda: model.generate(["a red circle above a blue square"], n=16, keep=16))
     print(f"benchmark on {device} ({torch.get_num_threads()} threads): training step at batch 32 {step:.3f} s = "
