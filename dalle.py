@@ -672,13 +672,11 @@ class CLIP(nn.Module):
         return F.normalize(self.visual(images * 2 - 1), dim=-1)
 
     def forward(self, text, images):
-        """The symmetric contrastive loss [3]: text (B, T_txt), images (B + n, 3, H, W), where image b matches
-        caption b and the last n images match none (hard negatives, which each caption must score below its own)."""
-        t, i = self.encode_text(text), self.encode_image(images)  # (B, C), (B + n, C)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.t()  # (B + n, B): image x caption
-        B = len(t)
-        labels = torch.arange(B, device=logits.device)
-        return (F.cross_entropy(logits[:B], labels) + F.cross_entropy(logits.t(), labels)) / 2
+        """The symmetric contrastive loss [3]: text (B, T_txt), images (B, 3, H, W), image b matching caption b."""
+        t, i = self.encode_text(text), self.encode_image(images)  # (B, C), (B, C)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.t()  # (B, B): image x caption
+        labels = torch.arange(len(t), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
     @torch.no_grad()
     def score(self, text, images):

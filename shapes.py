@@ -137,28 +137,6 @@ def swapped(objects, relation, rng):
     return rng.choice(options) if options else None
 
 
-def broken(objects, rng, image=None):
-    """A hard negative for CLIP: the scene with one object broken, 1 to half of the 8x8 cells where it differs from
-    the same object of another shape or colour (never a held-out kind; 6 pixels or more of the 64) taken from that
-    one -> uint8 (64, 64, 3), or None when fewer than 2 cells differ. image: the scene's render, if at hand."""
-    k = rng.randrange(len(objects))
-    o = objects[k]
-    kinds = [(c, s) for c in COLOURS for s in SHAPES if (c == o.colour) != (s == o.shape) and (c, s) not in HELD_OUT]
-    colour, shape = rng.choice(kinds)
-    image = (render(objects) if image is None else image).copy()
-    other = render(objects[:k] + [replace(o, colour=colour, shape=shape)] + objects[k + 1:])
-    differs = other != image  # (64, 64, 3)
-    differs = differs[..., 0] | differs[..., 1] | differs[..., 2]  # (64, 64): cheaper than .any(-1)
-    c, n = LATTICE, SIZE // LATTICE
-    per_cell = differs.reshape(n, c, n, c).swapaxes(1, 2).reshape(n, n, c * c).sum(-1)  # (8, 8): per cell
-    cells = [(c * y, c * x) for y, x in zip(*np.nonzero(per_cell >= 6))]  # row by row, as the cells are read
-    if len(cells) < 2:
-        return None
-    for y, x in rng.sample(cells, rng.randint(1, len(cells) // 2)):
-        image[y:y + c, x:x + c] = other[y:y + c, x:x + c]
-    return image
-
-
 REPORT_GROUPS = ("seen objects", "new places", "seen pairs", "new pairs", "held-out objects", "held-out in pairs")
 
 
@@ -405,7 +383,7 @@ PICTURE_PROMPTS = ["a large yellow square on the left", "a green triangle above 
 class ShapesData:
     """The Shapes world's training pool, what train.py's stages draw from: uint8 images (n, 3, 64, 64), rendered
     once, and an item per image, its scene (objects, relation). train.Data serves a folder of pictures the same way;
-    the Shapes world adds what its scenes allow: CLIP's twins and broken copies."""
+    the Shapes world adds what its scenes allow: CLIP's twins."""
 
     def __init__(self, items, images):
         self.items, self.images = items, images
@@ -414,8 +392,8 @@ class ShapesData:
         return caption(*item, rng, say_place=say_place)
 
     def clip_batch(self, cfg, rng):
-        """One CLIP batch -> (B' captions, uint8 images (B' + n, 3, H, W)): clip_batch distinct scenes of the pool,
-        with clip_swaps each scene's twin, and last n broken copies that no caption describes (clip_broken)."""
+        """One CLIP batch -> (B' captions, uint8 images (B', 3, H, W)): clip_batch distinct scenes of the pool, then
+        with clip_swaps each scene's twin (B' >= clip_batch)."""
         idx = rng.sample(range(len(self.items)), min(cfg.clip_batch, len(self.items)))
         items, images = [self.items[i] for i in idx], self.images[idx]  # images (B, 3, H, W) uint8
         # the share of one-object captions that name the place; with clip_moves, drawn here: those get moved twins
@@ -433,13 +411,6 @@ class ShapesData:
             if twins:  # a moved scene's twin differs from it in the place alone: its caption names it too
                 items, say = items + twins, say + [1.0] * len(twins)
                 images = torch.cat([images, render_all([objects for objects, _ in twins])])  # (B', 3, H, W)
-        # DEVIATION: broken objects as hard negatives, not the paper's CLIP: it picked objects the prior drew from the
-        # cells of two shapes or colours over whole ones (README: Deviations)
-        n = round(cfg.clip_broken * cfg.clip_batch)
-        negatives = [broken(item[0], rng, self.images[i].permute(1, 2, 0).numpy()) for item, i in zip(items[:n], idx)]
-        negatives = [torch.from_numpy(b).permute(2, 0, 1) for b in negatives if b is not None]  # (3, H, W) uint8 each
-        if negatives:
-            images = torch.cat([images, torch.stack(negatives)])  # (B' + n, 3, H, W): the last n match no caption
         return [caption(*item, rng, say_place=p) for item, p in zip(items, say)], images
 
     def corpus(self, rng):
