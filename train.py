@@ -46,7 +46,7 @@ class TrainConfig:
     log_every: int = setting(500, "updates between progress lines")
     # stage 1, the dVAE (Sec 2.1, App. A.2)
     dvae_steps: int = setting(2500, "relaxed updates (paper: 3M)")
-    dvae_batch: int = setting(16, "images per update (paper: 512): with 8, large squares came back in two colours")
+    dvae_batch: int = setting(16, "images per update (paper: 512): with 8, big squares mix colours (README: Levers)")
     dvae_lr: float = setting(1e-3, "peak lr (paper: 1e-4)")
     dvae_lr_end: float = setting(1 / 80, "the cosine ends at this share of the peak lr (paper: 1e-4 -> 1.25e-6)")
     dvae_recon: str = setting("mse", "reconstruction term: the paper's logit-laplace (App. A.3) collapsed every "
