@@ -74,7 +74,7 @@ class TrainConfig:
     bpe_dropout: float = setting(0.1, "BPE dropout of training captions (paper: 0.1, Sec 2.2 fn. 5)")
     place_phrase: float = setting(0.9, "share of one-object training captions that name the place (the report's: half)")
     # stage 3, CLIP (Sec 2.6)
-    clip_steps: int = setting(1200, "updates")
+    clip_steps: int = setting(900, "updates")
     clip_batch: int = setting(56, "(caption, image) pairs per update, each scene with its twin, if it has one")
     clip_lr: float = setting(4e-3, "peak lr")
     clip_lr_end: float = setting(0.05, "the cosine ends at this share of the peak lr")
