@@ -161,12 +161,12 @@ class BPETokenizer:
 
     def _encode_chunk(self, ids, dropout, rng):
         while len(ids) >= 2:
-            pairs = [p for p in set(zip(ids, ids[1:])) if p in self.merges]  # the candidate merges
+            pairs = set(zip(ids, ids[1:]))
             if dropout > 0:  # BPE-dropout [5]: each candidate merge is skipped with probability p at each step
-                pairs = [p for p in sorted(pairs) if rng.random() >= dropout]
-            if not pairs:
+                pairs = {p for p in sorted(pairs) if rng.random() >= dropout}
+            pair = min(pairs, key=lambda p: self.merges.get(p, float("inf")), default=None)
+            if pair not in self.merges:
                 break  # nothing left to merge (or every candidate was dropped)
-            pair = min(pairs, key=self.merges.get)
             ids = merge(ids, pair, self.merges[pair])  # lowest rank first, as tiktoken does
         return ids
 
