@@ -66,7 +66,7 @@ class TrainConfig:
     # stage 2, the transformer prior (Sec 2.2, App. B.2)
     prior_steps: int = setting(3300, "updates (paper: about 430k)")
     prior_batch: int = setting(32, "captions per update (paper: 1024)")
-    prior_lr: float = setting(4e-3, "peak lr (paper: 4.5e-4)")
+    prior_lr: float = setting(6e-3, "peak lr (paper: 4.5e-4)")
     prior_warmup: float = setting(0.05, "share of the updates that warm the lr up (paper: 5k updates)")
     prior_lr_end: float = setting(0.05, "the cosine ends at this share of the peak lr (paper: decay on plateaus)")
     weight_decay: float = setting(4.5e-2, "the prior's AdamW weight decay (paper: 4.5e-2)")
